@@ -1,0 +1,87 @@
+"""Shared transformer blocks: RMSNorm, SwiGLU, attention with an optional rotary table, pre-norm block.
+
+Parameter names follow the official l-DeTok layout (``qkv``, ``proj``, ``w12``, ``w3``, ``norm1``,
+``norm2``) so released checkpoints load with strict key matching.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["RMSNorm", "SwiGLU", "Attention", "Block", "rotate_pairs", "apply_rope"]
+
+
+def RMSNorm(dim: int, eps: float = 1e-6) -> nn.RMSNorm:
+    """torch's RMSNorm (fused on recent versions); eps 1e-6 as in l-DeTok and LightningDiT."""
+    return nn.RMSNorm(dim, eps=eps)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP with one fused input projection ``w12`` (gate and value) and output ``w3``."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: Optional[int] = None, bias: bool = True):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, out_dim or dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): the rotation partner of adjacent pairs."""
+    x2 = x.unflatten(-1, (-1, 2))
+    return torch.stack((-x2[..., 1], x2[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_pairs(x) * sin``; x (B, H, L, D), cos/sin broadcastable to it."""
+    return x * cos + rotate_pairs(x) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, SDPA, and optional rotary tables."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, N, D) each
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: RMSNorm -> attention, RMSNorm -> SwiGLU (hidden int(2/3 * 4 * d))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, int(2 / 3 * dim * mlp_ratio))
+
+    def forward(self, x, rope=None, attn_mask=None):
+        x = x + self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask)
+        return x + self.mlp(self.norm2(x))

@@ -1,0 +1,203 @@
+"""Tokenizers: l-DeTok (ViT) and the convolutional KL-VAE baseline, one interface for both.
+
+- ``build(name, **overrides)``: a registry name (``detok_SS`` ... ``detok_XLXL`` as released, the CPU
+  sizes ``detok_MM``, ``detok_MT``, ``detok_TT``, the conv VAEs ``marvae`` and ``convvae_tiny``) plus
+  any config field (image_size, patch_size, latent_channels, gamma, max_mask_ratio, ...).
+- ``save_tokenizer(tok, dir)`` / ``load_tokenizer(dir)``: safetensors weights + a JSON config.
+- ``load_official_detok(path, model="detok_BB", ema=True)`` / ``load_official_marvae(path)``: the
+  released checkpoints, strict keys, ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+from .base import DiagonalGaussian, Tokenizer, TokenizerOutput
+from .detok import SIZES, DeTok, DeTokConfig, size_config, split_size_name
+
+__all__ = [
+    "Tokenizer",
+    "TokenizerOutput",
+    "DiagonalGaussian",
+    "DeTok",
+    "DeTokConfig",
+    "REGISTRY",
+    "available",
+    "build",
+    "build_from_config",
+    "save_tokenizer",
+    "load_tokenizer",
+    "load_official_detok",
+    "load_official_marvae",
+    "OfficialCheckpointError",
+]
+
+# The official names (DeTok_models) and the CPU sizes. Official sizes default to the released
+# ImageNet-256 setting; the CPU sizes default to 32 px images with patch 8 (16 tokens), the size the
+# 2-core pilot found trainable in minutes.
+_OFFICIAL_CODES = ["SS", "SB", "SL", "BS", "BB", "BL", "LS", "LB", "LL", "XLXL"]
+_CPU_CODES = ["MM", "MT", "TT"]
+
+
+def _detok_factory(code: str) -> Callable[..., DeTok]:
+    enc, dec = split_size_name(code)
+    defaults = size_config(enc, dec)
+    if code in _CPU_CODES:
+        defaults.update(image_size=32, patch_size=8)
+
+    def make(**overrides) -> DeTok:
+        return DeTok(**{**defaults, **overrides})
+
+    make.__name__ = f"detok_{code}"
+    return make
+
+
+REGISTRY: Dict[str, Callable[..., Tokenizer]] = {f"detok_{c}": _detok_factory(c) for c in _OFFICIAL_CODES + _CPU_CODES}
+
+
+def _convvae_names():
+    from .convvae import CONVVAE_CONFIGS
+
+    return list(CONVVAE_CONFIGS)
+
+
+def available() -> list:
+    return sorted(REGISTRY) + sorted(_convvae_names())
+
+
+def build(name: str, **overrides) -> Tokenizer:
+    """Build a registry tokenizer; ``overrides`` are config fields (unknown ones are an error)."""
+    if name in REGISTRY:
+        return REGISTRY[name](**overrides)
+    if name in _convvae_names():
+        from .convvae import build_convvae
+
+        return build_convvae(name, **overrides)
+    raise KeyError(f"unknown tokenizer {name!r}; available: {', '.join(available())}")
+
+
+def build_from_config(kind: str, config: dict) -> Tokenizer:
+    """Rebuild from ``(tok.kind, tok.config_dict())``."""
+    if kind == "detok":
+        return DeTok(DeTokConfig(**config))
+    if kind == "convvae":
+        from .convvae import ConvVAE
+
+        return ConvVAE(**config)
+    raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'detok' or 'convvae')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Our own checkpoints
+# ---------------------------------------------------------------------------------------------
+def save_tokenizer(tok: Tokenizer, directory, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``tokenizer.json`` (kind, config, stats flag) into ``directory``."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in tok.state_dict().items()}
+    tmp = d / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(d / "model.safetensors")
+    meta = {"kind": tok.kind, "config": tok.config_dict(), "has_stats": tok.has_stats, **(extra or {})}
+    tmpj = d / "tokenizer.json.tmp"
+    tmpj.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmpj.replace(d / "tokenizer.json")
+    return d
+
+
+def load_tokenizer(directory, map_location="cpu") -> Tokenizer:
+    """Load what ``save_tokenizer`` wrote (strict keys). ``directory`` may also be a run folder holding
+    ``tokenizer/`` (the trainer exports the EMA weights there)."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    if not (d / "tokenizer.json").exists() and (d / "tokenizer" / "tokenizer.json").exists():
+        d = d / "tokenizer"
+    meta_path = d / "tokenizer.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no tokenizer at {directory}: expected {meta_path} (written by save_tokenizer)")
+    meta = json.loads(meta_path.read_text())
+    tok = build_from_config(meta["kind"], meta["config"])
+    state = load_file(str(d / "model.safetensors"), device=str(map_location))
+    tok.load_state_dict(state, strict=True)
+    return tok.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Released checkpoints
+# ---------------------------------------------------------------------------------------------
+class OfficialCheckpointError(RuntimeError):
+    """A released checkpoint's keys or shapes do not match the architecture."""
+
+
+def _match_strict(tok: Tokenizer, state: dict, path, ignore_prefixes=()) -> dict:
+    """Check that ``state`` holds exactly our keys (minus our stats buffers) with matching shapes."""
+    ours = {k: v for k, v in tok.state_dict().items() if k not in Tokenizer.STATS_KEYS}
+    dropped = sorted(k for k in state if any(k.startswith(p) for p in ignore_prefixes))
+    theirs = {k: v for k, v in state.items() if k not in dropped}
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    shapes = sorted(k for k in set(ours) & set(theirs) if tuple(ours[k].shape) != tuple(theirs[k].shape))
+    if missing or unexpected or shapes:
+        lines = [f"{path}: the checkpoint does not match the architecture"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:12])}{' ...' if len(unexpected) > 12 else ''}")
+        for k in shapes[:12]:
+            lines.append(f"  shape of {k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(ours[k].shape)}")
+        raise OfficialCheckpointError("\n".join(lines))
+    full = dict(theirs)
+    for k in Tokenizer.STATS_KEYS:
+        full[k] = tok.state_dict()[k]
+    tok.load_state_dict(full, strict=True)
+    return {"dropped": dropped}
+
+
+def load_official_detok(path, model: str = "detok_BB", ema: bool = True, map_location="cpu", **overrides) -> DeTok:
+    """Load a released l-DeTok file (``detok-BB-gamm3.0-m0.7.pth``, its ``-decoder_tuned`` twin, or
+    ``vitok-BB.pth``): a dict with ``model`` and ``model_ema`` (parameters only). Strict key matching,
+    ``weights_only=True``. The released files carry no latent statistics: set them with
+    ``tok.set_latent_stats(mean, std)`` (or collect them) before using ``tokenize``.
+    Note: the decoder-tuned file's EMA encoder is the raw pre-training encoder (the official EMA copies
+    frozen parameters), which is what the released generators were paired with.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{p}: no such file. The released l-DeTok weights (detok-BB-gamm3.0-m0.7.pth, "
+            f"detok-BB-gamm3.0-m0.7-decoder_tuned.pth, vitok-BB.pth) come from the authors' Hugging Face "
+            f"repository jjiaweiyang/l-DeTok; download them on a machine with network and pass the path."
+        )
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report the file, keep the cause
+        raise OfficialCheckpointError(f"{p}: could not be read as a torch checkpoint ({e})") from e
+    key = "model_ema" if ema else "model"
+    if isinstance(ckpt, dict) and key in ckpt:
+        state = ckpt[key]
+    elif isinstance(ckpt, dict) and not ema and "state_dict" in ckpt:
+        state = ckpt["state_dict"]
+    else:
+        have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise OfficialCheckpointError(f"{p}: expected a dict with {key!r}; found {have}")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    # The official class was built with gamma 3 / mask 0.75 defaults; corruption only matters for
+    # training, so the loaded model keeps our paper-recipe defaults unless overridden.
+    tok = build(model, **overrides)
+    _match_strict(tok, state, p)
+    return tok.eval()
+
+
+def load_official_marvae(path, map_location="cpu", **overrides):
+    """MAR's KL-16 VAE (``kl16.ckpt``); see ``ldetok.tokenizers.convvae.load_official_marvae``."""
+    from .convvae import load_official_marvae as _load
+
+    return _load(path, map_location=map_location, **overrides)

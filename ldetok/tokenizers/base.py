@@ -1,0 +1,161 @@
+"""The one interface every tokenizer implements, and the diagonal-Gaussian posterior.
+
+Latents are always exchanged as NCHW tensors ``(B, C, h, w)``, whatever the tokenizer's internal
+layout (the ViT tokenizer works on ``(B, L, C)`` token sequences). Images are ``(B, 3 or 1, H, W)`` in
+[-1, 1].
+
+- ``encode(x, sample=False)``: raw latents (posterior mean, or a posterior sample); never corrupted.
+- ``decode(z)``: raw latents -> images in [-1, 1] (not clamped: training losses see the raw output).
+- ``tokenize`` / ``detokenize``: the same, with per-channel latent statistics applied, which is what
+  generators consume: ``(z - mean_c) / std_c``. ``detokenize`` clamps to [-1, 1].
+- ``forward(x)`` in training mode: the corrupted reconstruction used by the training losses
+  (``TokenizerOutput``).
+- ``latent_shape(image_size)``: ``(C, h, w)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["DiagonalGaussian", "TokenizerOutput", "Tokenizer"]
+
+
+class DiagonalGaussian:
+    """A diagonal Gaussian posterior from concatenated ``[mean, logvar]`` along ``dim``.
+
+    The log-variance is clamped to [-30, 20], as in LDM and the official l-DeTok. ``kl()`` is the KL to
+    N(0, I), summed over every non-batch dim (the official reduction; the loss averages it over the
+    batch).
+    """
+
+    def __init__(self, moments: torch.Tensor, dim: int = 1):
+        moments = moments.float()
+        self.moments = moments
+        self.dim = dim
+        self.mean, logvar = torch.chunk(moments, 2, dim=dim)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        dev = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=dev).to(self.mean.device)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        dims = tuple(range(1, self.mean.ndim))
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
+
+
+@dataclass
+class TokenizerOutput:
+    """What a training forward pass returns to the losses."""
+
+    recon: torch.Tensor  # (B, C_img, H, W), raw decoder output in [-1, 1] image space
+    posterior: DiagonalGaussian
+    latents: torch.Tensor  # the (possibly corrupted) latents the decoder saw, NCHW
+    mask: Optional[torch.Tensor] = None  # (B, L) 1 = masked token, or None
+    noise_level: Optional[torch.Tensor] = None  # (B,) t per sample, or None
+    mask_ratio: Optional[torch.Tensor] = None  # (B,) per-sample ratio actually used, or None
+
+
+class Tokenizer(nn.Module):
+    """Base class: holds the per-channel latent statistics and the normalisation around them.
+
+    Subclasses implement ``encode_moments`` (images -> NCHW ``[mean, logvar]`` without corruption),
+    ``decode`` and ``forward`` (the training pass), and set ``latent_channels`` and ``stride``.
+    The statistics are persistent buffers, so they travel with our own checkpoints; ``has_stats``
+    says whether they were ever set (generators refuse latents normalised without them).
+    """
+
+    latent_channels: int
+    stride: int
+
+    def _init_stats(self, channels: int) -> None:
+        self.register_buffer("latent_mean", torch.zeros(channels))
+        self.register_buffer("latent_std", torch.ones(channels))
+        self.register_buffer("stats_set", torch.zeros((), dtype=torch.bool))
+
+    STATS_KEYS = ("latent_mean", "latent_std", "stats_set")
+
+    # ---- subclasses -------------------------------------------------------------------------
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def latent_shape(self, image_size: int) -> Tuple[int, int, int]:
+        if image_size % self.stride:
+            raise ValueError(f"image size {image_size} is not divisible by the tokenizer stride {self.stride}")
+        g = image_size // self.stride
+        return (self.latent_channels, g, g)
+
+    # ---- shared -----------------------------------------------------------------------------
+    def posterior(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.encode_moments(x), dim=1)
+
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None):
+        """Clean latents (no masking, no noise, whatever the mode): the posterior mean or a sample."""
+        post = self.posterior(x)
+        return post.sample(generator) if sample else post.mean
+
+    @property
+    def has_stats(self) -> bool:
+        return bool(self.stats_set)
+
+    def set_latent_stats(self, mean, std) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+        c = self.latent_channels
+        if mean.numel() == 1:
+            mean, std = mean.expand(c).clone(), std.expand(c).clone()
+        if mean.shape != (c,) or std.shape != (c,):
+            raise ValueError(f"latent stats must have {c} channels, got mean {tuple(mean.shape)}, std {tuple(std.shape)}")
+        if not torch.all(std > 0):
+            raise ValueError("latent std must be positive in every channel")
+        self.latent_mean.copy_(mean)
+        self.latent_std.copy_(std)
+        self.stats_set.fill_(True)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        m = self.latent_mean.view(1, -1, 1, 1).to(z)
+        s = self.latent_std.view(1, -1, 1, 1).to(z)
+        return (z - m) / s
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        m = self.latent_mean.view(1, -1, 1, 1).to(z)
+        s = self.latent_std.view(1, -1, 1, 1).to(z)
+        return z * s + m
+
+    def tokenize(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None):
+        """Normalised latents for generators, NCHW."""
+        return self.normalize(self.encode(x, sample=sample, generator=generator))
+
+    def sample_from_moments(self, moments: torch.Tensor, generator: Optional[torch.Generator] = None):
+        """Normalised latents sampled from cached NCHW ``[mean, logvar]`` moments (the latent cache)."""
+        return self.normalize(DiagonalGaussian(moments, dim=1).sample(generator))
+
+    def detokenize(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1] (clamped)."""
+        return self.decode(self.denormalize(z)).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Clean reconstruction through the posterior mean, clamped to [-1, 1]."""
+        return self.decode(self.encode(x)).clamp(-1.0, 1.0)
+
+    def freeze_all_but_decoder(self) -> None:
+        """Decoder fine-tuning: only parameters under ``decoder`` stay trainable."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith("decoder."))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
