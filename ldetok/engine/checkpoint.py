@@ -1,0 +1,257 @@
+"""Atomic checkpoints, weights_only loading, RNG state capture and a keep-N checkpoint manager.
+
+Everything written here loads with `torch.load(weights_only=True)`: store plain dicts of tensors,
+numbers, strings and lists (config dataclasses as dicts), never pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "atomic_save",
+    "atomic_write_text",
+    "capture_rng_state",
+    "load_checkpoint",
+    "restore_rng_state",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated, corrupt, or not weights_only-safe)."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable on POSIX; not possible (nor needed) on Windows.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target so os.replace is a rename on one filesystem (atomic), not a copy.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Covers KeyboardInterrupt too: the final name keeps its previous content, the temp file goes.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temp file in the same folder, fsync, then os.replace onto `path`."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a small text file (JSON pointers, configs) atomically."""
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True; a missing or unreadable file raises an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types (RuntimeError, UnpicklingError, EOFError, ...)
+        raise CheckpointError(
+            f"Could not load checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {e}. "
+            "The file is truncated/corrupt, or holds objects that weights_only=True refuses "
+            "(store plain dicts of tensors and numbers)."
+        ) from e
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy (global), torch CPU and every CUDA device's RNG, in a weights_only-loadable form."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "state": list(internal), "gauss_next": gauss_next},
+        # MT19937 keys are uint32; int64 holds them exactly and is a plain tensor dtype.
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of capture_rng_state; missing parts are left alone."""
+    if "python" in state:
+        py = state["python"]
+        random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss_next"]))
+    if "numpy" in state:
+        npst = state["numpy"]
+        keys = np.asarray(torch.as_tensor(npst["keys"]).numpy(), dtype=np.uint32)
+        np.random.set_state(
+            (npst["kind"], keys, int(npst["pos"]), int(npst["has_gauss"]), float(npst["cached_gaussian"]))
+        )
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+    cuda_states = state.get("cuda")
+    if cuda_states:
+        if not torch.cuda.is_available():
+            warnings.warn(
+                "Checkpoint holds CUDA RNG states but CUDA is not available; they are ignored.", stacklevel=2
+            )
+            return
+        n = torch.cuda.device_count()
+        if len(cuda_states) != n:
+            warnings.warn(
+                f"Checkpoint holds {len(cuda_states)} CUDA RNG state(s) but {n} device(s) are visible; "
+                f"restoring the first {min(n, len(cuda_states))}.",
+                stacklevel=2,
+            )
+        for i, s in enumerate(cuda_states[:n]):
+            torch.cuda.set_rng_state(torch.as_tensor(s, dtype=torch.uint8).cpu(), device=i)
+
+
+# --------------------------------------------------------------------------- manager
+
+_CKPT_RE = re.compile(r"^ckpt_(\d{9,})\.pt$")
+
+
+class CheckpointManager:
+    """`ckpt_{step:09d}.pt` files in one folder: atomic saves, keep-N + milestone pruning, resume.
+
+    Only the writing rank should call `save`; `latest`/`auto_resume` are safe on every rank.
+    """
+
+    POINTER = "latest.json"
+
+    def __init__(self, ckpt_dir: str | os.PathLike, keep: int = 2, milestone_every: int = 0):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (the checkpoint just written is always kept), got {keep}.")
+        if milestone_every < 0:
+            raise ValueError(f"milestone_every must be >= 0 (0 = no milestones), got {milestone_every}.")
+        self.dir = Path(ckpt_dir)
+        self.keep = int(keep)
+        self.milestone_every = int(milestone_every)
+        self.skipped: list[Path] = []  # unreadable files passed over by the last auto_resume
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"ckpt_{int(step):09d}.pt"
+
+    def _steps(self) -> list[tuple[int, Path]]:
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            m = _CKPT_RE.match(p.name)
+            if m and p.is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def list(self) -> list[Path]:
+        """Checkpoint paths, oldest step first."""
+        return [p for _, p in self._steps()]
+
+    def latest(self) -> Path | None:
+        """Newest checkpoint by the step in its name (not mtime, which copies and rsync rewrite)."""
+        found = self._steps()
+        return found[-1][1] if found else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}.")
+        self._remove_stale_temps()
+        path = atomic_save(state, self.path_for(step))
+        # A small JSON pointer instead of the official latest.pth symlink: works on every filesystem
+        # and survives copying the folder.
+        atomic_write_text(json.dumps({"step": int(step), "file": path.name}) + "\n", self.dir / self.POINTER)
+        self._prune(step)
+        return path
+
+    def _prune(self, current: int) -> None:
+        found = self._steps()
+        # Files with a higher step than the one just written come from an abandoned future (a resume
+        # from an older or corrupt-skipped checkpoint): leave them alone rather than let them push the
+        # fresh file out of the keep-N window; the run overwrites them when it reaches those steps.
+        older = [(s, p) for s, p in found if s <= current]
+        keep = {s for s, _ in older[-self.keep :]}
+        if self.milestone_every > 0:
+            keep |= {s for s, _ in older if s > 0 and s % self.milestone_every == 0}
+        for s, p in older:
+            if s not in keep:
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+
+    def _remove_stale_temps(self) -> None:
+        # Leftovers from a run killed mid-save (multi-GB each); only the writing rank calls this.
+        if self.dir.is_dir():
+            for p in self.dir.glob(".ckpt_*.pt.*.tmp"):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+    def auto_resume(self, map_location: Any = "cpu") -> tuple[Any | None, Path | None]:
+        """Load the newest readable checkpoint: (state, path), or (None, None) if there is none.
+
+        An unreadable file is skipped with a warning naming it (recorded in `self.skipped`) and the
+        next older one is tried.
+        """
+        self.skipped = []
+        for _, path in reversed(self._steps()):
+            try:
+                return load_checkpoint(path, map_location=map_location), path
+            except (CheckpointError, FileNotFoundError) as e:
+                self.skipped.append(path)
+                warnings.warn(f"Skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+        return None, None
+
+    def read_pointer(self) -> dict[str, Any] | None:
+        """The content of latest.json (step and file of the last save), or None."""
+        p = self.dir / self.POINTER
+        try:
+            return json.loads(p.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
