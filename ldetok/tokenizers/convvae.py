@@ -244,6 +244,8 @@ class ConvVAE(Tokenizer):
     work; they only decide which levels carry attention). ``stride = 2 ** (len(ch_mult) - 1)``.
     """
 
+    kind = "convvae"
+
     def __init__(
         self,
         in_channels: int = 3,
@@ -291,6 +293,14 @@ class ConvVAE(Tokenizer):
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self._init_stats(embed_dim)
+
+    def config_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}
+
+    def freeze_all_but_decoder(self) -> None:
+        """Decoder fine-tuning: the decoder and ``post_quant_conv`` train, the rest is frozen."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
 
     @staticmethod
     def _validate(ch, ch_mult, num_res_blocks, attn_enc, attn_dec, resolution, z_channels, embed_dim, gamma,

@@ -1,0 +1,122 @@
+"""Tokenizer training end to end through the command line: exact resume after SIGKILL, extending a
+finished run, two-process (gloo) training, decoder fine-tuning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldetok.engine.logging import read_metrics
+from ldetok.tokenizers import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMMON = ["batch_size=16", "log_every=1", "ckpt_every=5", "stats_images=64", "image_every=0",
+          "tensorboard=false", "warmup_frac=0.1"]
+
+
+def env():
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return e
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "ldetok.cli", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def losses(run_dir):
+    """step -> loss, the last record of each step (a resumed run logs some steps twice)."""
+    out = {}
+    for rec in read_metrics(run_dir):
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_resume_equals_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["train-tokenizer", "--preset", "cpu-fmnist", "max_steps=24", *COMMON]
+    r = cli(*args, "--out", str(a))
+    assert r.returncode == 0, r.stderr
+
+    # the same run, killed hard after its checkpoint at step 15 and a few more steps
+    proc = subprocess.Popen([sys.executable, "-m", "ldetok.cli", *args, "--out", str(b)], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = losses(b) if (b / "metrics.jsonl").exists() else {}
+        if steps and max(steps) >= 17:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = losses(b)
+    assert 17 <= max(first) < 24, "the run should have been killed mid-way"
+
+    r = cli(*args, "--out", str(b))
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step 15" in r.stdout + r.stderr
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 25))
+    assert [la[s] for s in la] == [lb[s] for s in la]  # bit-identical trajectory
+    for s in range(16, max(first) + 1):  # steps done before the kill were reproduced exactly too
+        assert first[s] == lb[s]
+    ta, tb = load_tokenizer(a), load_tokenizer(b)
+    for (k, va), (_, vb) in zip(ta.state_dict().items(), tb.state_dict().items()):
+        assert torch.equal(va, vb), k
+
+    # running again with a larger max_steps extends the finished run
+    r = cli("train-tokenizer", "--preset", "cpu-fmnist", "max_steps=28", *COMMON, "--out", str(a))
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step 24" in r.stdout + r.stderr
+    assert max(losses(a)) == 28
+    assert json.loads((a / "tokenizer" / "tokenizer.json").read_text())["step"] == 28
+
+
+@pytest.mark.slow
+def test_changed_config_is_refused_on_resume(tmp_path):
+    args = ["train-tokenizer", "--preset", "cpu-fmnist", "max_steps=5", *COMMON, "--out", str(tmp_path / "r")]
+    assert cli(*args).returncode == 0
+    r = cli(*args, "gamma=1.0")
+    assert r.returncode == 2 and "gamma" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "ldetok.cli", "train-tokenizer",
+           "--preset", "cpu-fmnist", "max_steps=8", *COMMON, "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = losses(out)
+    assert sorted(rec) == list(range(1, 9)) and all(v == v for v in rec.values())
+    tok = load_tokenizer(out)
+    assert tok.has_stats and tok.latent_shape(32) == (16, 4, 4)
+    ck = torch.load(sorted((out / "checkpoints").glob("ckpt_*.pt"))[-1], weights_only=True)
+    assert len(ck["rngs"]) == 2  # both ranks' RNG streams are saved
+
+
+@pytest.mark.slow
+def test_decoder_finetuning_freezes_encoder(tmp_path):
+    base = tmp_path / "base"
+    assert cli("train-tokenizer", "--preset", "cpu-fmnist", "max_steps=4", *COMMON, "--out", str(base)).returncode == 0
+    ft = tmp_path / "ft"
+    r = cli("train-tokenizer", "--preset", "cpu-fmnist", "stage=decoder_ft", f"init_from={base}", "max_steps=4",
+            *COMMON, "--out", str(ft))
+    assert r.returncode == 0, r.stderr
+    t0, t1 = load_tokenizer(base), load_tokenizer(ft)
+    enc0 = {k: v for k, v in t0.state_dict().items() if k.startswith("encoder.")}
+    enc1 = {k: v for k, v in t1.state_dict().items() if k.startswith("encoder.")}
+    assert all(torch.equal(enc0[k], enc1[k]) for k in enc0)
+    assert any(not torch.equal(a, b) for (k, a), (_, b) in zip(t0.state_dict().items(), t1.state_dict().items())
+               if k.startswith("decoder."))
+    assert t1.cfg.gamma == 0.0 and t1.cfg.max_mask_ratio == 0.0
