@@ -51,6 +51,7 @@ class TokenizerTrainConfig:
     beta2: float = 0.95
     grad_clip: float = 3.0
     ema_decay: float = 0.999
+    ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)): short runs are not dominated by the init
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
@@ -130,7 +131,7 @@ _IMAGENET = dict(dataset="imagenet", image_size=256, patch_size=16, latent_chann
 # warm-up), not the ImageNet recipe, which is tuned for batch 1024 over 200 epochs.
 _CPU = dict(model="detok_MM", image_size=32, patch_size=8, latent_channels=16, batch_size=128,
             max_steps=1500, lr=1.5e-3, warmup_frac=0.07, min_lr=1.5e-4, weight_decay=0.05,
-            grad_clip=3.0, ema_decay=0.999, perceptual="none", log_every=25, image_every=500,
+            grad_clip=3.0, ema_decay=0.999, ema_warmup=True, perceptual="none", log_every=25, image_every=500,
             ckpt_every=250, stats_images=10000)
 
 TOKENIZER_PRESETS: Dict[str, Dict[str, Any]] = {

@@ -204,7 +204,10 @@ class TokenizerTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.opt.step()
-        self.ema.update(self.model)
+        decay = cfg.ema_decay
+        if cfg.ema_warmup:  # the official EMA has none; at a few thousand steps it matters
+            decay = min(decay, (1 + self.step) / (10 + self.step))
+        self.ema.update(self.model, decay=decay)
         if self.loss.disc_active(self.step):
             self.disc_opt.zero_grad(set_to_none=True)
             for x, r in zip(xs, recons):
