@@ -2,6 +2,8 @@
 
   ldetok train-tokenizer --preset cpu-fmnist --out runs/tok [key=value ...]
   ldetok eval-tokenizer runs/tok --n 500 [--noise 0.3,0.5,0.7]
+  ldetok train-generator --preset cpu-fmnist --tokenizer runs/tok --out runs/gen model=sit_tiny
+  ldetok sample runs/gen --n 64 --cfg 1.5 --out samples/
   ldetok presets
   ldetok main --out runs/main          (the job behind `make run`)
 
@@ -12,10 +14,8 @@ before any work starts. Multi-GPU: ``torchrun --nproc_per_node 8 -m ldetok.cli t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -25,13 +25,18 @@ def _setup_env() -> None:
 
 
 def cmd_presets(args) -> int:
-    from .config import TOKENIZER_PRESETS
+    from .config import GENERATOR_PRESETS, TOKENIZER_PRESETS
 
-    print("tokenizer presets:")
+    print("tokenizer presets (ldetok train-tokenizer --preset NAME):")
     for name, p in sorted(TOKENIZER_PRESETS.items()):
         length = f"{p['epochs']} epochs" if p.get("epochs") else f"{p.get('max_steps')} steps"
         print(f"  {name:40s} {p.get('model', ''):10s} {p.get('dataset', ''):14s} gamma={p.get('gamma')} "
               f"M={p.get('max_mask_ratio')} {length}")
+    print("generator presets (ldetok train-generator --preset NAME --tokenizer RUN model=...):")
+    for name, p in sorted(GENERATOR_PRESETS.items()):
+        length = f"{p['epochs']} epochs" if p.get("epochs") else f"{p.get('max_steps')} steps"
+        print(f"  {name:40s} {p.get('model', '(model=...)'):12s} batch {p['batch_size']:5d} lr {p['lr']:.0e} "
+              f"({p['schedule']}) {length}")
     return 0
 
 
@@ -53,6 +58,29 @@ def cmd_eval_tokenizer(args) -> int:
     evaluate_tokenizer_run(args.run_dir, n=args.n, noise_levels=levels, gamma=args.gamma,
                            rfid=not args.no_rfid, batch_size=args.batch_size, device=args.device,
                            split=args.split)
+    return 0
+
+
+def cmd_train_generator(args) -> int:
+    from .config import GeneratorTrainConfig, parse_overrides, resolve_generator_config
+    from .engine.generator_trainer import train_generator
+
+    overrides = parse_overrides(GeneratorTrainConfig, args.overrides)
+    if args.tokenizer:
+        overrides["tokenizer"] = args.tokenizer
+    cfg = resolve_generator_config(args.preset, overrides)
+    summary = train_generator(cfg, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {args.out} at step {summary['step']}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .sampling import sample_run
+
+    sample_run(args.run_dir, n=args.n, cfg=args.cfg, steps=args.steps, temperature=args.temperature,
+               out=args.out, seed=args.seed, batch_size=args.batch_size, device=args.device,
+               labels=[int(v) for v in args.labels.split(",")] if args.labels else None)
     return 0
 
 
@@ -86,6 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--no-rfid", action="store_true", help="skip rFID (Inception features are slow on a CPU)")
     s.set_defaults(fn=cmd_eval_tokenizer)
+
+    s = sub.add_parser("train-generator", help="train (or resume, or extend) a generator on tokenizer latents")
+    s.add_argument("--preset", default=None, help="a generator preset (see `ldetok presets`)")
+    s.add_argument("--tokenizer", default=None, help="the tokenizer run folder")
+    s.add_argument("--out", required=True)
+    s.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model=sit_tiny)")
+    s.set_defaults(fn=cmd_train_generator)
+
+    s = sub.add_parser("sample", help="sample images from a generator run (a PNG grid and the PNGs)")
+    s.add_argument("run_dir")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--cfg", type=float, default=1.0)
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (family default when omitted)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--labels", default="", help="comma-separated class labels (default: class-balanced)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=100)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("main", help="the main job behind `make run`")
     s.add_argument("--out", default="runs/main")

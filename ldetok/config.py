@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 __all__ = ["TokenizerTrainConfig", "TOKENIZER_PRESETS", "resolve_tokenizer_config", "parse_overrides",
-           "apply_overrides", "config_diff", "VARIANTS"]
+           "apply_overrides", "config_diff", "VARIANTS", "GeneratorTrainConfig", "GENERATOR_PRESETS",
+           "resolve_generator_config"]
 
 @dataclass
 class TokenizerTrainConfig:
@@ -115,6 +116,100 @@ class TokenizerTrainConfig:
                        noise_type=self.noise_type, noise_dist=self.noise_dist, noise_mean=self.noise_mean,
                        noise_std=self.noise_std)
         return out
+
+@dataclass
+class GeneratorTrainConfig:
+    model: str = "sit_tiny"  # a generator registry name (ldetok.generators.available())
+    model_args: str = ""  # JSON of extra constructor arguments, e.g. {"depth": 4}
+    tokenizer: Optional[str] = None  # a tokenizer run folder (its exported EMA tokenizer + statistics)
+    class_dropout: float = 0.1
+    unconditional: bool = False
+    # ---- latents -----------------------------------------------------------------------------
+    latents: str = "cache"  # "cache" (encode once, sample from moments) or "online" (tokenize each step)
+    flip: bool = False  # also cache/encode horizontally flipped images (MAR's main_cache)
+    cache_dir: Optional[str] = None
+    # ---- optimisation (the paper's generator recipe: constant 2e-4, no decay/clip/warm-up) ------
+    batch_size: int = 1024
+    grad_accum: int = 1
+    max_steps: int = 1000
+    epochs: Optional[float] = None
+    lr: float = 2e-4
+    schedule: str = "constant"
+    warmup_frac: float = 0.0
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int = 0
+    # ---- sampling for logs and the final grid ------------------------------------------------
+    sample_every: int = 0
+    sample_cfg: float = 1.0
+    sample_steps: Optional[int] = None
+    sample_temperature: float = 1.0
+    # ---- bookkeeping -------------------------------------------------------------------------
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_ckpts: int = 2
+    milestone_every: int = 0
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+
+    def validate(self) -> "GeneratorTrainConfig":
+        errs = []
+        if not self.tokenizer:
+            errs.append("tokenizer=<tokenizer run folder> is required")
+        if self.latents not in ("cache", "online"):
+            errs.append(f"latents must be 'cache' or 'online', got {self.latents!r}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            errs.append("batch_size must be a positive multiple of grad_accum")
+        if self.schedule not in ("cosine", "constant", "linear"):
+            errs.append(f"schedule must be cosine|constant|linear, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            errs.append(f"precision must be auto|fp32|bf16, got {self.precision!r}")
+        if self.model_args:
+            try:
+                if not isinstance(json.loads(self.model_args), dict):
+                    raise ValueError
+            except ValueError:
+                errs.append(f"model_args must be a JSON object, got {self.model_args!r}")
+        if errs:
+            raise ValueError("invalid generator config:\n  " + "\n  ".join(errs))
+        return self
+
+
+_GEN_PAPER = dict(batch_size=1024, lr=2e-4, schedule="constant", warmup_frac=0.0, weight_decay=0.0, grad_clip=0.0,
+                  ema_decay=0.9999, flip=True, log_every=100, ckpt_every=2500, keep_ckpts=1, num_workers=10)
+# CPU: the 2-core pilot's generator recipe (AdamW 1e-3, short warm-up, cosine to 0.1x, clip 1, EMA 0.999
+# with warm-up): the paper's constant 2e-4 at batch 1024 for 100 epochs does not transfer to 1500 steps.
+_GEN_CPU = dict(batch_size=128, max_steps=1500, lr=1e-3, schedule="cosine", warmup_frac=0.07, min_lr=1e-4,
+                weight_decay=0.0, grad_clip=1.0, ema_decay=0.999, ema_warmup=True, log_every=25, ckpt_every=250,
+                sample_every=0, sample_cfg=1.5)
+
+GENERATOR_PRESETS: Dict[str, Dict[str, Any]] = {
+    # The paper's tokenizer comparison / ablation recipe: every family, 100 epochs at batch 1024.
+    "paper-100ep": dict(_GEN_PAPER, epochs=100),
+    # System-level MAR (800 epochs), diffusion heads d6/w1024 (B) and d8/w1280 (L) are the builders' defaults.
+    "mar_base-800ep": dict(_GEN_PAPER, model="mar_base", epochs=800),
+    "mar_large-800ep": dict(_GEN_PAPER, model="mar_large", epochs=800),
+    "cpu-fmnist": dict(_GEN_CPU),
+    "cpu-fmnist-long": dict(_GEN_CPU, max_steps=4000),
+}
+
+
+def resolve_generator_config(preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None):
+    base = GeneratorTrainConfig()
+    if preset is not None:
+        if preset not in GENERATOR_PRESETS:
+            raise ValueError(f"unknown generator preset {preset!r}; available: {', '.join(sorted(GENERATOR_PRESETS))}")
+        base = apply_overrides(base, GENERATOR_PRESETS[preset])
+    return apply_overrides(base, overrides or {}).validate()
+
 
 # The paper's corruption ablation: name -> (gamma, max mask ratio)
 VARIANTS = {"ae": (0.0, 0.0), "mask": (0.0, 0.7), "noise": (3.0, 0.0), "detok": (3.0, 0.7)}

@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist_
 import torch.nn as nn
 
-from ..config import TokenizerTrainConfig, config_diff
+from ..config import TokenizerTrainConfig
 from ..data import build_dataset
 from ..losses import LossConfig, TokenizerLoss
 from ..tokenizers import Tokenizer, build, load_official_detok, load_tokenizer, save_tokenizer
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from .distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed, unwrap_model
+from .checkpoint import CheckpointManager
+from .common import autocast_ctx, check_resume_config, ema_decay_at, gather_rng_states, restore_rng_states
+from .distributed import DistInfo, barrier, cleanup, init_distributed, unwrap_model
 from .ema import EMA
 from .logging import Progress, RunLogger, image_grid
 from .optim import build_adamw, lr_at, param_groups, scaled_lr, set_lr
@@ -38,15 +39,6 @@ from .sampler import ResumableSampler
 from .stats import collect_latent_stats, fetch_batch
 
 __all__ = ["train_tokenizer", "TokenizerTrainer"]
-
-
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if use_bf16 and precision == "bf16":  # asked for explicitly on CPU: honour it (slow here)
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _load_init(path: str, cfg: TokenizerTrainConfig) -> Tokenizer:
@@ -132,41 +124,25 @@ class TokenizerTrainer:
             "config": asdict(self.cfg),
         }
 
-    def rng_state(self) -> dict:
-        return {"rng": capture_rng_state(), "corruption_rng": self.gen.get_state()}
-
     def resume(self) -> bool:
         state, path = self.ckpts.auto_resume(map_location=self.device)
         for bad in self.ckpts.skipped:
             self.logger.log_line(f"skipped unreadable checkpoint {bad}")
         if state is None:
             return False
-        diff = {k: v for k, v in config_diff(state["config"], asdict(self.cfg)).items()
-                if k not in ("max_steps", "epochs", "log_every", "image_every", "ckpt_every", "keep_ckpts",
-                             "milestone_every", "tensorboard", "wandb_project", "num_workers", "device")}
-        if diff:
-            raise ValueError(f"{path} was trained with a different config; differing keys: "
-                             + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                             + ". Use another --out folder to start a new run.")
+        check_resume_config(state["config"], asdict(self.cfg), path)
         unwrap_model(self.model).load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.loss.load_state_dict(state["discriminator"])
         self.disc_opt.load_state_dict(state["disc_optimizer"])
-        # every rank's RNG streams were gathered at save time; take ours (same world size)
-        rngs = state["rngs"]
-        if len(rngs) != self.dist.world_size:
-            self.logger.log_line(f"world size changed ({len(rngs)} -> {self.dist.world_size}): RNG streams "
-                                 "are re-derived, so the continuation is not bit-identical")
-        mine = rngs[self.dist.rank % len(rngs)]
-        restore_rng_state(mine["rng"])
-        self.gen.set_state(mine["corruption_rng"].cpu())
+        restore_rng_states(state["rngs"], self.dist, self.gen, self.logger.log_line)
         self.step = int(state["step"])
         self.logger.log_line(f"resumed from step {self.step} ({path})")
         return True
 
     def save(self) -> None:
-        rngs = gather_objects(self.rng_state())  # collective: every rank takes part
+        rngs = gather_rng_states(self.gen)  # collective: every rank takes part
         if self.dist.is_main:
             self.ckpts.save(self.step, {**self.state(), "rngs": rngs})
         barrier()
@@ -193,7 +169,7 @@ class TokenizerTrainer:
             sync = micro == cfg.grad_accum - 1 or not self.dist.distributed
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx:
-                with _autocast(self.device, cfg.precision):
+                with autocast_ctx(self.device, cfg.precision):
                     out = self.ddp(x, generator=self.gen)
                 loss, logs = self.loss.generator_loss(x, out.recon, out.posterior, self.step, last_layer)
                 (loss / cfg.grad_accum).backward()
@@ -204,10 +180,7 @@ class TokenizerTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.opt.step()
-        decay = cfg.ema_decay
-        if cfg.ema_warmup:  # the official EMA has none; at a few thousand steps it matters
-            decay = min(decay, (1 + self.step) / (10 + self.step))
-        self.ema.update(self.model, decay=decay)
+        self.ema.update(self.model, decay=ema_decay_at(self.step, cfg.ema_decay, cfg.ema_warmup))
         if self.loss.disc_active(self.step):
             self.disc_opt.zero_grad(set_to_none=True)
             for x, r in zip(xs, recons):

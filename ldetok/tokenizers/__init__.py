@@ -25,6 +25,7 @@ __all__ = [
     "DiagonalGaussian",
     "DeTok",
     "DeTokConfig",
+    "SIZES",
     "REGISTRY",
     "available",
     "build",
