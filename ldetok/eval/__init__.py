@@ -1,0 +1,46 @@
+"""Evaluation: FID/KID with offline Inception weights, reference-statistics cache, reconstruction metrics.
+
+Every number comes back as a ``MetricResult`` carrying its protocol (sample count, reference set,
+feature extractor, resolution, ...), so a value is never separated from how it was measured.
+"""
+
+from .fid import (
+    InceptionFeatures,
+    MetricResult,
+    default_cache_dir,
+    fid_from_stats,
+    inception_score_from_logits,
+    kid_from_features,
+    load_reference_stats,
+    lookup_reference_stats,
+    reference_stats,
+    save_reference_stats,
+    stats_from_features,
+    store_reference_stats,
+    to_uint8_rgb,
+)
+from .inception import ensure_inception_weights, inception_score_available, weights_info, weights_path
+from .recon import evaluate_reconstruction, psnr, ssim
+
+__all__ = [
+    "InceptionFeatures",
+    "MetricResult",
+    "default_cache_dir",
+    "ensure_inception_weights",
+    "evaluate_reconstruction",
+    "fid_from_stats",
+    "inception_score_available",
+    "inception_score_from_logits",
+    "kid_from_features",
+    "load_reference_stats",
+    "lookup_reference_stats",
+    "psnr",
+    "reference_stats",
+    "save_reference_stats",
+    "ssim",
+    "stats_from_features",
+    "store_reference_stats",
+    "to_uint8_rgb",
+    "weights_info",
+    "weights_path",
+]

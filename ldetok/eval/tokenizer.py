@@ -1,0 +1,94 @@
+"""Evaluate a tokenizer run: clean reconstruction and reconstruction of corrupted latents.
+
+``ldetok eval-tokenizer RUN_DIR --n 500 --noise 0.3,0.5,0.7`` prints every number with its protocol
+and writes them to ``RUN_DIR/eval/recon_n{N}.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..corruption import interpolative_noise
+
+__all__ = ["evaluate_tokenizer_run", "lpips_or_reason", "run_train_config"]
+
+
+def run_train_config(run_dir) -> dict:
+    """The training config of a run (from the exported tokenizer, else the run's config.json)."""
+    d = Path(run_dir)
+    for meta in (d / "tokenizer" / "tokenizer.json", d / "tokenizer.json"):
+        if meta.exists():
+            cfg = json.loads(meta.read_text()).get("train_config")
+            if cfg:
+                return cfg
+    if (d / "config.json").exists():
+        return json.loads((d / "config.json").read_text())
+    raise FileNotFoundError(f"{d}: no tokenizer/tokenizer.json or config.json (is this a tokenizer run folder?)")
+
+
+def lpips_or_reason(device):
+    """(lpips_fn, None) when the VGG16 weights are on disk, else (None, reason)."""
+    from ..losses import MissingWeightsError
+    from ..losses.perceptual import LPIPS
+
+    try:
+        net = LPIPS().to(device)
+    except MissingWeightsError as e:
+        return None, str(e).splitlines()[0]
+
+    def fn(x, y):
+        return net.distance(x, y).flatten(1).mean(1) if x.shape[1] == 3 else net.distance(
+            x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)).flatten(1).mean(1)
+
+    return fn, None
+
+
+def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] = (), gamma: float = 3.0,
+                           rfid: bool = True, batch_size: int = 100, device: str = "auto",
+                           split: Optional[str] = None, seed: int = 0, verbose: bool = True,
+                           rfid_corrupted: bool = True) -> dict:
+    from ..data import build_dataset
+    from ..engine.distributed import resolve_device
+    from ..tokenizers import load_tokenizer
+    from .recon import evaluate_reconstruction
+
+    dev = resolve_device(device)
+    run_dir = Path(run_dir)
+    tok = load_tokenizer(run_dir).to(dev).eval()
+    cfg = run_train_config(run_dir)
+    split = split or cfg.get("eval_split", "test")
+    ds = build_dataset(cfg["dataset"], split=split, image_size=cfg["image_size"], channels=cfg["in_channels"],
+                       root=cfg.get("data_root"))
+    n = min(n, len(ds))
+    lpips_fn, why = lpips_or_reason(dev)
+    extra = {"ema": True, "tokenizer": run_dir.name}
+    if why and verbose:
+        print(f"LPIPS unavailable: {why}")
+    results = {"clean": evaluate_reconstruction(tok, ds, n, dev, f"{cfg['dataset']}/{split}", batch_size,
+                                                compute_rfid=rfid, lpips_fn=lpips_fn, protocol_extra=extra)}
+    for t in noise_levels:
+        g = torch.Generator().manual_seed(seed)
+
+        def corrupt(z, t=t, g=g):
+            eps = torch.randn(z.shape, generator=g).to(z)
+            return interpolative_noise(z, float(t), gamma, noise=eps)
+
+        results[f"t={t:g}"] = evaluate_reconstruction(
+            tok, ds, n, dev, f"{cfg['dataset']}/{split}", batch_size, compute_rfid=rfid and rfid_corrupted,
+            lpips_fn=lpips_fn, corruption=corrupt,
+            protocol_extra={**extra, "latent_noise": f"interpolative t={t:g} gamma={gamma:g} (raw latents)"})
+    out = {k: {m: r.to_dict() for m, r in v.items()} for k, v in results.items()}
+    path = run_dir / "eval" / f"recon_n{n}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    if verbose:
+        for k, v in results.items():
+            print(f"-- {k}")
+            for r in v.values():
+                print("   " + r.format())
+        print(f"written to {path}")
+    return out
