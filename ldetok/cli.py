@@ -145,7 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     _setup_env()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after options (argparse stops a '*' positional at the
+    # first option), so unknown key=value tokens are collected as overrides too.
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, KeyError) as e:

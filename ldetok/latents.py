@@ -71,6 +71,13 @@ def build_latent_cache(tok_run, dataset_name: Optional[str] = None, split: str =
             if verbose:
                 print(f"latent cache up to date: {out} ({meta['count']} items)")
             return LatentCache(out)
+        if meta.get("complete") and meta.get("tokenizer_fingerprint") != fp and out_dir is not None:
+            # an explicitly named cache of another tokenizer is never overwritten silently (the default
+            # location lives inside the tokenizer run, where a new fingerprint means the run moved on)
+            raise LatentStatsMismatch(
+                f"{out} holds latents of another tokenizer ({meta.get('tokenizer')}, fingerprint "
+                f"{meta.get('tokenizer_fingerprint')}; this one is {fp}): they are not normalised with this "
+                "tokenizer's statistics. Remove the folder or choose another cache_dir.")
     ds = build_dataset(dataset_name, split=split, image_size=cfg["image_size"], channels=cfg["in_channels"],
                        root=data_root if data_root is not None else cfg.get("data_root"))
     n = len(ds) if limit is None else min(limit, len(ds))

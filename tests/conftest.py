@@ -12,10 +12,25 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: tiny test tensors gain nothing from two, and a loaded machine makes two threads
+# (per process) dramatically slower through oversubscription.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
 def gen():
     """A seeded CPU generator."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tok_run(tmp_path_factory):
+    """A tiny finished l-DeTok run on Fashion-MNIST (3 steps): exported tokenizer with latent statistics."""
+    from ldetok.config import resolve_tokenizer_config
+    from ldetok.engine.tokenizer_trainer import train_tokenizer
+
+    run = tmp_path_factory.mktemp("tok")
+    cfg = resolve_tokenizer_config("cpu-fmnist", dict(max_steps=3, batch_size=16, stats_images=64, log_every=1,
+                                                      image_every=0, tensorboard=False))
+    train_tokenizer(cfg, run)
+    return run

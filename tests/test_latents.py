@@ -4,20 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldetok.config import resolve_tokenizer_config
 from ldetok.data import build_dataset
-from ldetok.engine.tokenizer_trainer import train_tokenizer
 from ldetok.latents import LatentCache, LatentStatsMismatch, build_latent_cache
 from ldetok.tokenizers import load_tokenizer, save_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("tok")
-    cfg = resolve_tokenizer_config("cpu-fmnist", dict(max_steps=3, batch_size=16, stats_images=64, log_every=1,
-                                                      image_every=0, tensorboard=False))
-    train_tokenizer(cfg, run)
-    return run
 
 
 def test_cache_matches_tokenizer_and_is_reused(tok_run, tmp_path):

@@ -16,7 +16,8 @@ __all__ = ["autocast_ctx", "ema_decay_at", "check_resume_config", "gather_rng_st
 
 # Config keys that may change between a run and its resumption (length, bookkeeping, placement).
 RESUME_FREE_KEYS = {"max_steps", "epochs", "log_every", "image_every", "sample_every", "ckpt_every", "keep_ckpts",
-                    "milestone_every", "tensorboard", "wandb_project", "num_workers", "device"}
+                    "milestone_every", "tensorboard", "wandb_project", "num_workers", "device", "sample_cfg",
+                    "sample_steps", "sample_temperature"}
 
 
 def autocast_ctx(device: torch.device, precision: str):

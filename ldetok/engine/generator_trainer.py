@@ -184,7 +184,7 @@ class GeneratorTrainer:
                 with autocast_ctx(self.device, cfg.precision):
                     loss = self.ddp(z, labels, generator=self.gen)
                 (loss.float() / cfg.grad_accum).backward()
-            total += float(loss) / cfg.grad_accum
+            total += float(loss.detach()) / cfg.grad_accum
         params = [p for p in self.model.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.opt.step()

@@ -1,0 +1,143 @@
+"""LightningDiT: the DiT backbone modernised (RMSNorm, SwiGLU, 2D RoPE), trained as a flow model.
+
+References: Yao et al., "Reconstruction vs. Generation: Taming Optimization Dilemma in Latent
+Diffusion Models" (CVPR 2025, hustvl/LightningDiT); EVA-02's ``VisionRotaryEmbeddingFast``
+(baaivision/EVA) for the rotary layout; the l-DeTok re-implementation (Jiawei-Yang/DeTok
+``models/lightningdit.py``, shared/research/official_repo.md section 4); l-DeTok paper section 4
+(LightningDiT column: RMSNorm, RoPE, cosine loss, logit-normal t, Euler 250 steps, shift 0.3, CFG
+interval from t = 0.10).
+
+- Network: ``AdaLNZeroTransformer`` (dit.py) with RMSNorm (learnable scale, eps 1e-6), SwiGLU
+  (hidden int(2/3 * 4 * D)), optional per-head RMSNorm on q/k (off by default), 2D RoPE on q and k,
+  and an absolute position embedding that is *learnable*, initialised to 2D sin-cos.
+- RoPE layout (EVA "fast" variant): per head, the first half of the channels rotates with the row
+  index and the second half with the column index; inside each half, adjacent channel pairs (2i, 2i+1)
+  share the frequency 10000^(-2i / (head_dim/2)), positions are the integer grid indices. This is the
+  textbook axial 2D RoPE with interleaved pairs, so it uses ``layers.apply_rope`` directly.
+- Objective: ``Transport`` with logit-normal t (mean 0, std 1) and ``use_cosine_loss=True``: velocity
+  MSE + (1 - cosine similarity). The official l-DeTok re-implementation computes the cosine term but
+  returns only the MSE; LightningDiT's own training adds it, and so do we.
+- Sampling: Euler ODE over ``steps`` (default 250, the paper's evaluation) on a time grid shifted by
+  ``time_shift(t, 0.3)`` (denser near the noise end), noise scaled by ``temperature``. CFG interval: a
+  constant scale on all channels where t >= 0.10; for t < 0.10 (the noise end, t = 0 is noise) the
+  conditional prediction is used alone.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .dit import AdaLNZeroTransformer, build_size, randn
+from .flow import Transport, ode_sample
+
+__all__ = [
+    "LightningDiT", "LightningDiT_models", "lightningdit_tiny", "lightningdit_base", "lightningdit_large",
+    "lightningdit_xl", "lightningdit_huge", "rope_2d_tables",
+]
+
+
+def rope_2d_tables(head_dim: int, grid_h: int, grid_w: int, theta: float = 10000.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of shape (grid_h * grid_w, head_dim) for raster-ordered tokens (EVA layout, see top)."""
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    freqs = theta ** (-torch.arange(0, half, 2, dtype=torch.float64) / half)  # (half/2,)
+    freqs = freqs.repeat_interleave(2)  # adjacent pairs share a frequency
+    rows = torch.arange(grid_h, dtype=torch.float64)[:, None] * freqs  # (gh, half)
+    cols = torch.arange(grid_w, dtype=torch.float64)[:, None] * freqs  # (gw, half)
+    ang = torch.cat([rows[:, None, :].expand(grid_h, grid_w, half), cols[None, :, :].expand(grid_h, grid_w, half)],
+                    dim=-1).reshape(grid_h * grid_w, head_dim)
+    return ang.cos().float(), ang.sin().float()
+
+
+class LightningDiT(AdaLNZeroTransformer):
+    kind = "lightningdit"
+    out_mult = 1
+    block_norm = "rmsnorm"
+    block_mlp = "swiglu"
+    learnable_pos = True
+
+    def __init__(self, *args, use_rope: bool = True, use_cosine_loss: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_rope, self.use_cosine_loss = bool(use_rope), bool(use_cosine_loss)
+        cos, sin = rope_2d_tables(self.hidden_size // self.num_heads, *self.grid)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.transport = Transport(t_dist="logit_normal", logit_mean=0.0, logit_std=1.0,
+                                   use_cosine_loss=self.use_cosine_loss)
+
+    def rope(self):
+        if not self.use_rope:
+            return None
+        return self.rope_cos[None, None], self.rope_sin[None, None]  # broadcast over (B, H)
+
+    def loss_terms(self, latents, labels=None, generator=None) -> dict:
+        """Per-sample terms ``dict(loss, mse, cos)`` with loss = mse + cos (t ~ logit-normal(0, 1))."""
+        self._check_latents(latents)
+        b, dev = latents.shape[0], latents.device
+        y = self.prepare_labels(labels, b, dev, generator)
+        noise = randn(latents.shape, generator, dev, latents.dtype)
+        return self.transport.training_loss(self.predict, latents, model_kwargs=dict(y=y), noise=noise,
+                                            generator=generator)
+
+    def loss(self, latents, labels=None, generator=None):
+        return self.loss_terms(latents, labels, generator)["loss"].mean()
+
+    forward = loss
+
+    def run_sampler(self, model_fn, n: int, y: torch.Tensor, steps: int = 250, temperature: float = 1.0,
+                    generator=None, shift: Optional[float] = 0.3, method: str = "euler") -> torch.Tensor:
+        """Fixed-step ODE from scaled noise (t=0) to data (t=1) on the shifted grid; one draw (the noise)."""
+        x0 = randn((n, *self.latent_shape), generator, self.device) * float(temperature)
+        return ode_sample(model_fn, x0, steps=steps, method=method, shift=shift, model_kwargs=dict(y=y))
+
+    @torch.no_grad()
+    def sample(self, n: int, labels=None, cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
+               generator: Optional[torch.Generator] = None, shift: Optional[float] = 0.3,
+               cfg_interval_start: float = 0.10, method: str = "euler") -> torch.Tensor:
+        """Euler (default, ``steps`` default 250) with time shift 0.3; CFG on all channels where
+        t >= ``cfg_interval_start`` (0 disables the interval)."""
+        y = self.sample_labels(n, labels, self.device)
+        fn = self.guided_fn(cfg, interval_start=cfg_interval_start if cfg_interval_start > 0 else None)
+        return self.run_sampler(fn, n, y, steps=250 if steps is None else steps, temperature=temperature,
+                                generator=generator, shift=shift, method=method)
+
+    def config_dict(self) -> dict:
+        return dict(super().config_dict(), use_rope=self.use_rope, use_cosine_loss=self.use_cosine_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes (DiT's widths; SwiGLU at 2/3 width keeps the MLP parameter count close to GELU's)
+# ---------------------------------------------------------------------------------------------
+def lightningdit_tiny(**overrides) -> LightningDiT:
+    """CPU size 128/4/4 on 16x4x4 latents, 10 classes."""
+    return build_size(LightningDiT, "tiny", overrides)
+
+
+def lightningdit_base(**overrides) -> LightningDiT:
+    """768/12/12."""
+    return build_size(LightningDiT, "base", overrides)
+
+
+def lightningdit_large(**overrides) -> LightningDiT:
+    """1024/24/16."""
+    return build_size(LightningDiT, "large", overrides)
+
+
+def lightningdit_xl(**overrides) -> LightningDiT:
+    """1152/28/16."""
+    return build_size(LightningDiT, "xl", overrides)
+
+
+def lightningdit_huge(**overrides) -> LightningDiT:
+    """1280/32/16."""
+    return build_size(LightningDiT, "huge", overrides)
+
+
+LightningDiT_models: Dict[str, Callable[..., LightningDiT]] = {
+    "lightningdit_tiny": lightningdit_tiny, "lightningdit_base": lightningdit_base,
+    "lightningdit_large": lightningdit_large, "lightningdit_xl": lightningdit_xl,
+    "lightningdit_huge": lightningdit_huge,
+}
