@@ -11,6 +11,7 @@ with the statistics stored with the tokenizer, exactly as online tokenization wi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -51,8 +52,6 @@ def build_latent_cache(tok_run, dataset_name: Optional[str] = None, split: str =
                        verbose: bool = True) -> "LatentCache":
     """Encode ``split`` of the tokenizer run's dataset (or ``dataset_name``) once; reuse a complete cache
     built from the same tokenizer weights."""
-    from .data import build_dataset
-    from .engine.stats import fetch_batch
     from .eval.tokenizer import run_train_config
     from .tokenizers import load_tokenizer
 
@@ -63,6 +62,20 @@ def build_latent_cache(tok_run, dataset_name: Optional[str] = None, split: str =
     cfg = run_train_config(tok_run)
     dataset_name = dataset_name or cfg["dataset"]
     out = Path(out_dir) if out_dir else default_cache_dir(tok_run, dataset_name, split, flip)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one builder at a time (several runs may start on the same tokenizer at once): the others wait,
+    # then find the finished cache
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(tok, tok_run, cfg, dataset_name, split, flip, out, out_dir is not None, batch_size,
+                             device, data_root, limit, verbose)
+
+
+def _build_locked(tok, tok_run, cfg, dataset_name, split, flip, out, explicit_dir, batch_size, device, data_root,
+                  limit, verbose):
+    from .data import build_dataset
+    from .engine.stats import fetch_batch
+
     fp = tokenizer_fingerprint(tok_run)
     meta_path = out / "meta.json"
     if meta_path.exists():
@@ -71,7 +84,7 @@ def build_latent_cache(tok_run, dataset_name: Optional[str] = None, split: str =
             if verbose:
                 print(f"latent cache up to date: {out} ({meta['count']} items)")
             return LatentCache(out)
-        if meta.get("complete") and meta.get("tokenizer_fingerprint") != fp and out_dir is not None:
+        if meta.get("complete") and meta.get("tokenizer_fingerprint") != fp and explicit_dir:
             # an explicitly named cache of another tokenizer is never overwritten silently (the default
             # location lives inside the tokenizer run, where a new fingerprint means the run moved on)
             raise LatentStatsMismatch(
