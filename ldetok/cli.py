@@ -84,6 +84,17 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval_generator(args) -> int:
+    from .eval.generation import evaluate_generator_run
+
+    sweep = [float(v) for v in args.cfg_sweep.split(",")] if args.cfg_sweep else None
+    evaluate_generator_run(args.run_dir, n=args.n, cfg=args.cfg, cfg_sweep=sweep, n_search=args.n_search,
+                           extractors=tuple(args.features.split(",")), sweep_extractor=args.sweep_features,
+                           steps=args.steps, temperature=args.temperature, seed=args.seed,
+                           batch_size=args.batch_size, device=args.device, png_dir=args.png_dir)
+    return 0
+
+
 def cmd_main(args) -> int:
     from .main_job import run_main_job
 
@@ -134,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("eval-generator", help="gFID / KID / precision-recall (+ classifier-space FD) of a generator run")
+    s.add_argument("run_dir")
+    s.add_argument("--n", type=int, default=1000, help="samples for the final evaluation (class-balanced)")
+    s.add_argument("--cfg", type=float, default=1.0)
+    s.add_argument("--cfg-sweep", default="", help="choose cfg first among these, e.g. 1.0,1.5,2.0")
+    s.add_argument("--n-search", type=int, default=None, help="samples per cfg in the sweep")
+    s.add_argument("--features", default="inception,classifier", help="feature spaces: inception, classifier")
+    s.add_argument("--sweep-features", default="inception")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=100)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--png-dir", default=None, help="also write the samples as PNG here")
+    s.set_defaults(fn=cmd_eval_generator)
 
     s = sub.add_parser("main", help="the main job behind `make run`")
     s.add_argument("--out", default="runs/main")

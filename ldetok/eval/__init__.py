@@ -19,10 +19,31 @@ from .fid import (
     store_reference_stats,
     to_uint8_rgb,
 )
+from .classifier import ClassifierFeatures, FashionCNN, classifier_cache_dir, train_classifier
+from .generation import (
+    cfg_sweep,
+    evaluate_generation,
+    evaluate_generator,
+    evaluate_generator_run,
+    metric_key,
+    precision_recall,
+    write_samples_png,
+)
 from .inception import ensure_inception_weights, inception_score_available, weights_info, weights_path
 from .recon import evaluate_reconstruction, psnr, ssim
 
 __all__ = [
+    "ClassifierFeatures",
+    "FashionCNN",
+    "classifier_cache_dir",
+    "train_classifier",
+    "cfg_sweep",
+    "evaluate_generation",
+    "evaluate_generator",
+    "evaluate_generator_run",
+    "metric_key",
+    "precision_recall",
+    "write_samples_png",
     "InceptionFeatures",
     "MetricResult",
     "default_cache_dir",

