@@ -95,6 +95,15 @@ def cmd_eval_generator(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else None
+    variants = args.variants.split(",") if args.variants else None
+    reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures)
+    return 0
+
+
 def cmd_main(args) -> int:
     from .main_job import run_main_job
 
@@ -162,11 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--png-dir", default=None, help="also write the samples as PNG here")
     s.set_defaults(fn=cmd_eval_generator)
 
+    s = sub.add_parser("reproduce", help="the corruption ablation end to end (tokenizers, generators, metrics)")
+    s.add_argument("--preset", required=True, help="cpu-quick, cpu-full, gpu-photos, gpu-imagenet-ablation, tiny")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seeds", default="", help="override the preset's seeds, e.g. 0,1,2")
+    s.add_argument("--variants", default="", help="override the variants: ae,mask,noise,detok")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--figures", default="figures")
+    s.set_defaults(fn=cmd_reproduce)
+
     s = sub.add_parser("main", help="the main job behind `make run`")
     s.add_argument("--out", default="runs/main")
     s.add_argument("--steps", type=int, default=None, help="tokenizer steps per variant (default: the preset's)")
     s.add_argument("--n", type=int, default=500, help="evaluation images")
     s.set_defaults(fn=cmd_main)
+
+    from .demo.cli import add_demo_parser  # light: torch and gradio load only when the demo runs
+
+    add_demo_parser(sub)
     return p
 
 

@@ -1,0 +1,307 @@
+"""``ldetok reproduce``: the paper's corruption ablation end to end, at any budget.
+
+For each budget (tokenizer steps, generator steps), seed and tokenizer variant (by default the paper's
+four: γ=0/M=0, masking only, noise only, both) it trains the tokenizer, builds its latent cache, trains
+the same generator(s) on it, and measures, in each feature space (Inception; and the Fashion-MNIST
+classifier where the data allows):
+
+- the reconstruction ceiling: PSNR of clean reconstructions, and FD(reconstructions, real);
+- sample quality: FD(samples, real) (gFID in Inception space) and KID(samples, real);
+- the modelability of the latents, free of the reconstruction ceiling: FD(samples, reconstructions),
+  i.e. how close the generator gets to what its own tokenizer can render;
+- the generator's final (smoothed) training loss on its normalised latents.
+
+Every stage writes its result to disk and is skipped when found, so an interrupted reproduction resumes
+where it stopped. Results: ``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds),
+``figures/reproduce_<preset>_*.png`` (each metric against the budget), and a sample grid per variant.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce"]
+
+PAPER_VARIANTS = {"ae": "γ=0, M=0", "mask": "masking only (M=0.7)", "noise": "noise only (γ=3)",
+                  "detok": "noise + masking (l-DeTok)"}
+
+
+@dataclass
+class ReproducePreset:
+    tokenizer_preset: str  # the base preset; variants append -ae/-mask/-noise ("detok" is the base itself)
+    generator_preset: str
+    variants: Sequence[str] = ("ae", "mask", "noise", "detok")
+    generators: Sequence[str] = ("sit", "mar")
+    seeds: Sequence[int] = (0,)
+    budgets: Sequence[Tuple[int, int]] = ((1000, 1500),)  # (tokenizer steps, generator steps)
+    n_eval: int = 1000  # samples and real/reconstructed images per evaluation
+    features: Sequence[str] = ("classifier", "inception")
+    cfg: float = 1.5
+    sample_steps: Optional[int] = None
+    tok_overrides: Dict = field(default_factory=dict)
+    gen_overrides: Dict = field(default_factory=dict)
+
+
+REPRODUCE_PRESETS: Dict[str, ReproducePreset] = {
+    # make run: baseline vs l-DeTok, one seed, SiT, ~20 min on 2 cores
+    "cpu-quick": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
+                                 budgets=((1000, 1500),), n_eval=1000, features=("classifier",)),
+    # all four variants, three seeds, a budget sweep (hours on 2 cores)
+    "cpu-full": ReproducePreset("cpu-fmnist", "cpu-fmnist", generators=("sit", "mar"), seeds=(0, 1, 2),
+                                budgets=((1000, 1500), (3000, 3000), (8000, 6000)), n_eval=2000),
+    # one modern GPU, a few hours: colour photo crops at 64 px, CPU sizes scaled up
+    "gpu-photos": ReproducePreset("cpu-photos", "cpu-fmnist", generators=("sit", "mar"), seeds=(0, 1),
+                                  budgets=((5000, 10000), (20000, 40000)), n_eval=5000, features=("inception",),
+                                  tok_overrides=dict(model="detok_TT", image_size=64, patch_size=8, batch_size=256),
+                                  gen_overrides=dict(batch_size=256)),
+    # the paper's ablation on an ImageNet folder (torchrun, several nodes): detok_SB 50 epochs, MAR-B and
+    # SiT-B 100 epochs at batch 1024, 50k samples
+    "gpu-imagenet-ablation": ReproducePreset(
+        "detok_SB-imagenet256-ablation", "paper-100ep", generators=("mar_base", "sit_base"),
+        budgets=((0, 0),), n_eval=50000, features=("inception",), cfg=3.0,
+        gen_overrides=dict(model_args='{"diffloss_d": 3}')),
+    # for tests: seconds
+    "tiny": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
+                            budgets=((2, 2), (3, 3)), n_eval=16, features=("inception",), sample_steps=4,
+                            tok_overrides=dict(batch_size=16, stats_images=64, log_every=1, tensorboard=False),
+                            gen_overrides=dict(batch_size=16, log_every=1, tensorboard=False, latents="online")),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+def _done(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _save(path: Path, obj) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+    return obj
+
+
+class _Progress:
+    """One line per stage with elapsed time and an estimate of the time left (mean stage time so far)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0, self.spent = total, 0, time.time(), []
+
+    def stage(self, msg: str):
+        el = time.time() - self.t0
+        left = (self.total - self.done) * (np.mean(self.spent) if self.spent else float("nan"))
+        eta = "?" if math.isnan(left) else f"{left / 60:.1f} min"
+        print(f"[{el / 60:6.1f} min | stage {self.done + 1}/{self.total} | ~{eta} left] {msg}", flush=True)
+        return time.time()
+
+    def end(self, t_start: float, skipped: bool = False):
+        self.done += 1
+        if not skipped:
+            self.spent.append(time.time() - t_start)
+
+
+def _extractors(names, device):
+    from .eval.classifier import ClassifierFeatures
+    from .eval.fid import InceptionFeatures
+
+    out = {}
+    for name in names:
+        out[name] = InceptionFeatures(device=device) if name == "inception" else ClassifierFeatures(device=device)
+    return out
+
+
+def _features(ext, images: torch.Tensor) -> np.ndarray:
+    return np.asarray(ext.features(images.split(100)), dtype=np.float64)
+
+
+def _fd(a: np.ndarray, b: np.ndarray) -> float:
+    from .eval.fid import fid_from_stats, stats_from_features
+
+    return float(fid_from_stats(*stats_from_features(a), *stats_from_features(b)))
+
+
+def _kid(a: np.ndarray, b: np.ndarray) -> float:
+    from .eval.fid import kid_from_features
+
+    return float(kid_from_features(a, b, subset_size=min(1000, len(a), len(b)))[0])
+
+
+# ---------------------------------------------------------------------------------------------
+def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants: Optional[Sequence[str]] = None,
+              device: str = "auto", figures_dir="figures") -> List[dict]:
+    from .config import resolve_generator_config, resolve_tokenizer_config
+    from .data import build_dataset
+    from .engine.distributed import resolve_device
+    from .engine.generator_trainer import load_generator_run, train_generator
+    from .engine.stats import fetch_batch
+    from .engine.tokenizer_trainer import train_tokenizer
+    from .sampling import generate_images
+    from .tokenizers import load_tokenizer
+    from .viz import save_grid
+
+    if preset not in REPRODUCE_PRESETS:
+        raise ValueError(f"unknown reproduce preset {preset!r}; available: {', '.join(REPRODUCE_PRESETS)}")
+    P = REPRODUCE_PRESETS[preset]
+    seeds = list(seeds if seeds is not None else P.seeds)
+    variants = list(variants or P.variants)
+    out = Path(out)
+    dev = resolve_device(device)
+    n_stages = len(P.budgets) * len(seeds) * len(variants) * (2 + 2 * len(P.generators))
+    prog = _Progress(n_stages)
+    rows: List[dict] = []
+    exts = None
+    real_feats: Dict[str, np.ndarray] = {}
+
+    for tok_steps, gen_steps in P.budgets:
+        for seed in seeds:
+            for v in variants:
+                tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
+                tag = f"{v}_s{seed}_t{tok_steps}"
+                tok_dir = out / "tokenizers" / tag
+                # ---- tokenizer ------------------------------------------------------------------
+                over = dict(P.tok_overrides, seed=seed)
+                if tok_steps:
+                    over["max_steps"] = tok_steps
+                t = prog.stage(f"tokenizer {PAPER_VARIANTS.get(v, v)} seed {seed} ({tok_steps or 'preset'} steps)")
+                meta = tok_dir / "tokenizer" / "tokenizer.json"
+                skipped = meta.exists() and (not tok_steps or json.loads(meta.read_text())["step"] == tok_steps)
+                if not skipped:
+                    train_tokenizer(resolve_tokenizer_config(tpreset, over), tok_dir)
+                prog.end(t, skipped)
+
+                # ---- reconstruction ceiling ---------------------------------------------------
+                t = prog.stage(f"reconstruction metrics {tag}")
+                rec_path = out / "eval" / f"recon_{tag}.json"
+                rec = _done(rec_path)
+                tok = load_tokenizer(tok_dir).to(dev).eval()
+                cfg_t = json.loads(meta.read_text())["train_config"]
+                test = build_dataset(cfg_t["dataset"], split=cfg_t["eval_split"], image_size=cfg_t["image_size"],
+                                     channels=cfg_t["in_channels"], root=cfg_t.get("data_root"))
+                n = min(P.n_eval, len(test))
+                x_real, _ = fetch_batch(test, list(range(n)))
+                if exts is None:
+                    exts = _extractors(P.features, dev)
+                    for name, ext in exts.items():
+                        real_feats[name] = _features(ext, x_real)
+                with torch.no_grad():
+                    x_rec = torch.cat([tok.reconstruct(b.to(dev)).cpu() for b in x_real.split(200)])
+                recon_feats = {k: _features(e, x_rec) for k, e in exts.items()}
+                if rec is None:
+                    from .eval.recon import psnr, ssim
+
+                    rec = {"psnr": psnr(x_real, x_rec)[0], "ssim": ssim(x_real, x_rec)[0]}
+                    for k in exts:
+                        rec[f"fd_recon_real[{k}]"] = _fd(recon_feats[k], real_feats[k])
+                    _save(rec_path, rec)
+                    prog.end(t)
+                else:
+                    prog.end(t, skipped=True)
+
+                # ---- generators -----------------------------------------------------------------
+                for fam in P.generators:
+                    gtag = f"{fam}_{tag}_g{gen_steps}"
+                    gdir = out / "generators" / gtag
+                    t = prog.stage(f"generator {fam} on {tag} ({gen_steps or 'preset'} steps)")
+                    gmeta = gdir / "generator" / "generator.json"
+                    skipped = gmeta.exists() and (not gen_steps or json.loads(gmeta.read_text())["step"] == gen_steps)
+                    if not skipped:
+                        gover = dict(P.gen_overrides, tokenizer=str(tok_dir), model=fam, seed=seed,
+                                     sample_cfg=P.cfg, sample_steps=P.sample_steps)
+                        if gen_steps:
+                            gover["max_steps"] = gen_steps
+                        train_generator(resolve_generator_config(P.generator_preset, gover), gdir)
+                    prog.end(t, skipped)
+
+                    t = prog.stage(f"sample {n} and evaluate {gtag}")
+                    ev_path = out / "eval" / f"gen_{gtag}.json"
+                    ev = _done(ev_path)
+                    if ev is None:
+                        gen, gtok, gm = load_generator_run(gdir, dev)
+                        imgs, labels = generate_images(gen, gtok, n, cfg=P.cfg, steps=P.sample_steps, seed=seed)
+                        ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": P.cfg, "n": n,
+                              "sample_steps": P.sample_steps}
+                        for k, e in exts.items():
+                            f = _features(e, imgs)
+                            ev[f"fd_gen_real[{k}]"] = _fd(f, real_feats[k])
+                            ev[f"kid_gen_real[{k}]"] = _kid(f, real_feats[k])
+                            ev[f"fd_gen_recon[{k}]"] = _fd(f, recon_feats[k])
+                        save_grid(imgs[: min(n, 80)], out / "samples" / f"{gtag}.png", nrow=10)
+                        _save(ev_path, ev)
+                        prog.end(t)
+                    else:
+                        prog.end(t, skipped=True)
+                    rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
+                                 "gen_steps": gen_steps, **rec, **ev})
+    _write_results(P, preset, rows, out, Path(figures_dir))
+    return rows
+
+
+def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    metrics = [k for k in keys if k not in ("variant", "generator", "seed", "tok_steps", "gen_steps", "cfg", "n",
+                                            "sample_steps")]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
+    lines = [f"# ldetok reproduce --preset {preset}", "",
+             f"n = {rows[0]['n']} images per set; cfg {rows[0]['cfg']}; seeds {sorted({r['seed'] for r in rows})}; "
+             "mean ± std over seeds. fd_recon_real: the reconstruction ceiling; fd_gen_real: sample quality "
+             "(gFID in Inception space); fd_gen_recon: the distance from samples to the tokenizer's own "
+             "reconstructions (modelability of the latents); generator_loss: smoothed final training loss.", "",
+             "| tok steps | gen steps | generator | variant | " + " | ".join(metrics) + " |",
+             "|" + "---|" * (4 + len(metrics))]
+    for (ts, gs, fam, v), rs in groups.items():
+        cells = []
+        for m in metrics:
+            vals = [float(r[m]) for r in rs if r.get(m) is not None]
+            cells.append("n/a" if not vals else f"{np.mean(vals):.3g}" + (f" ± {np.std(vals):.2g}" if len(vals) > 1 else ""))
+        lines.append(f"| {ts} | {gs} | {fam} | {PAPER_VARIANTS.get(v, v)} | " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if len({(r["tok_steps"], r["gen_steps"]) for r in rows}) > 1:
+        _plot_budget(groups, metrics, preset, figures)
+
+
+def _plot_budget(groups, metrics, preset, figures: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures.mkdir(parents=True, exist_ok=True)
+    fams = sorted({k[2] for k in groups})
+    for fam in fams:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            for v in sorted({k[3] for k in groups}):
+                pts = sorted((k[0] + k[1], [float(r[m]) for r in rs if r.get(m) is not None])
+                             for k, rs in groups.items() if k[2] == fam and k[3] == v)
+                pts = [(b, vals) for b, vals in pts if vals]
+                if pts:
+                    ax.errorbar([b for b, _ in pts], [np.mean(x) for _, x in pts], yerr=[np.std(x) for _, x in pts],
+                                marker="o", label=PAPER_VARIANTS.get(v, v), capsize=2)
+            ax.set_title(m, fontsize=8)
+            ax.set_xlabel("tokenizer + generator steps", fontsize=7)
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(figures / f"reproduce_{preset}_{fam}.png", dpi=110)
+        plt.close(fig)
+
+
+def preset_summary() -> str:
+    return "\n".join(f"  {k:24s} {asdict(v)}" for k, v in REPRODUCE_PRESETS.items())
