@@ -40,8 +40,14 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_pairs(x) * sin``; x (B, H, L, D), cos/sin broadcastable to it."""
-    return x * cos + rotate_pairs(x) * sin
+    """``x * cos + rotate_pairs(x) * sin``; x (..., L, D), cos/sin (small tables) broadcastable to it.
+
+    Computed as ``x * cos + swap_pairs(x) * (sin * [-1, +1, ...])``: the sign goes on the small table,
+    so the big tensor sees one copy (the pair swap) instead of a negation and a stack.
+    """
+    sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device).repeat(sin.shape[-1] // 2)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos + swapped * (sin * sign)
 
 
 class Attention(nn.Module):
@@ -64,10 +70,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, H, N, D) each
-        if rope is not None:
+        if rope is not None:  # q and k rotated in one pass: (2, B, H, N, D)
             cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(qkv[:2], cos, sin).unbind(0)
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)  # (B, H, N, D) each
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
