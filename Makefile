@@ -43,3 +43,32 @@ test: install
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
+
+# ---- notebooks -----------------------------------------------------------------------------
+# `make notebooks`: the five notebooks executed headlessly (papermill, CPU preset, NB_STEPS steps) into
+# runs/notebooks/<name>/executed.ipynb; their figures go to figures/ (nb01_*.png ... nb05_*.png).
+# `make lab`: registers the `ldetok` kernel and starts JupyterLab on 127.0.0.1.
+NB_STEPS ?= 300
+NB_OUT   ?= runs/notebooks
+PAPERMILL = OMP_NUM_THREADS=1 $(BIN)/python -m papermill --cwd $(CURDIR) --no-progress-bar --log-output
+.PHONY: notebooks lab
+
+notebooks: data
+	mkdir -p $(addprefix $(NB_OUT)/,01_latent_corruption 02_tokenizer_training 03_generator_training 04_ablations 05_latent_robustness)
+	$(PAPERMILL) notebooks/01_latent_corruption.ipynb $(NB_OUT)/01_latent_corruption/executed.ipynb \
+	  -p STEPS $(NB_STEPS) -p RUN_DIR $(NB_OUT)/01_latent_corruption
+	$(PAPERMILL) notebooks/02_tokenizer_training.ipynb $(NB_OUT)/02_tokenizer_training/executed.ipynb \
+	  -p PRESET cpu-fmnist -p STEPS $(NB_STEPS) -p N_EVAL 200 -p RUN_DIR $(NB_OUT)/02_tokenizer_training
+	$(PAPERMILL) notebooks/03_generator_training.ipynb $(NB_OUT)/03_generator_training/executed.ipynb \
+	  -p TOKENIZER_RUN $(NB_OUT)/02_tokenizer_training/tokenizer_run -p MODEL sit -p STEPS $(NB_STEPS) \
+	  -p N_EVAL 200 -p N_SEARCH 100 -p RUN_DIR $(NB_OUT)/03_generator_training
+	OMP_NUM_THREADS=1 $(BIN)/python -m ldetok.sweep notebooks/04_ablations.ipynb --grid gamma=0,3 max_mask_ratio=0,0.7 \
+	  --out $(NB_OUT)/04_ablations/sweep --param STEPS=$(NB_STEPS)
+	$(PAPERMILL) notebooks/04_ablations.ipynb $(NB_OUT)/04_ablations/executed.ipynb \
+	  -p SWEEP_DIR $(NB_OUT)/04_ablations/sweep -p RUN_DIR $(NB_OUT)/04_ablations
+	$(PAPERMILL) notebooks/05_latent_robustness.ipynb $(NB_OUT)/05_latent_robustness/executed.ipynb \
+	  -p STEPS $(NB_STEPS) -p DENOISER_STEPS $(NB_STEPS) -p RUN_DIR $(NB_OUT)/05_latent_robustness
+
+lab: install
+	$(BIN)/python -m ipykernel install --user --name ldetok --display-name "Python (ldetok)"
+	$(BIN)/jupyter lab --ip 127.0.0.1 --allow-root --no-browser --ServerApp.root_dir=$(CURDIR)
