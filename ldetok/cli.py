@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo.cli import add_demo_parser  # light: torch and gradio load only when the demo runs
 
     add_demo_parser(sub)
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     return p
 
 

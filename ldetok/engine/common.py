@@ -12,7 +12,7 @@ from .checkpoint import capture_rng_state, restore_rng_state
 from .distributed import DistInfo, gather_objects
 
 __all__ = ["autocast_ctx", "ema_decay_at", "check_resume_config", "gather_rng_states", "restore_rng_states",
-           "RESUME_FREE_KEYS"]
+           "RESUME_FREE_KEYS", "load_resume_state"]
 
 # Config keys that may change between a run and its resumption (length, bookkeeping, placement).
 RESUME_FREE_KEYS = {"max_steps", "epochs", "log_every", "image_every", "sample_every", "ckpt_every", "keep_ckpts",
@@ -54,3 +54,19 @@ def restore_rng_states(rngs: list, dist: DistInfo, gen: torch.Generator, log: Ca
     mine = rngs[dist.rank % len(rngs)]
     restore_rng_state(mine["rng"])
     gen.set_state(mine["gen"].cpu())
+
+
+def load_resume_state(ckpts, cfg, dist: DistInfo, gen: torch.Generator, log: Callable[[str], None], device):
+    """The newest readable checkpoint's state (None when there is none), after checking that it was
+    trained with the same config and restoring this rank's RNG streams; the caller loads its modules."""
+    from dataclasses import asdict
+
+    state, path = ckpts.auto_resume(map_location=device)
+    for bad in ckpts.skipped:
+        log(f"skipped unreadable checkpoint {bad}")
+    if state is None:
+        return None
+    check_resume_config(state["config"], asdict(cfg), path)
+    restore_rng_states(state["rngs"], dist, gen, log)
+    log(f"resumed from step {int(state['step'])} ({path})")
+    return state

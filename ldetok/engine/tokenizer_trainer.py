@@ -30,7 +30,7 @@ from ..data import build_dataset
 from ..losses import LossConfig, TokenizerLoss
 from ..tokenizers import Tokenizer, build, load_official_detok, load_tokenizer, save_tokenizer
 from .checkpoint import CheckpointManager
-from .common import autocast_ctx, check_resume_config, ema_decay_at, gather_rng_states, restore_rng_states
+from .common import autocast_ctx, ema_decay_at, gather_rng_states, load_resume_state
 from .distributed import DistInfo, barrier, cleanup, init_distributed, unwrap_model
 from .ema import EMA
 from .logging import Progress, RunLogger, image_grid
@@ -125,20 +125,15 @@ class TokenizerTrainer:
         }
 
     def resume(self) -> bool:
-        state, path = self.ckpts.auto_resume(map_location=self.device)
-        for bad in self.ckpts.skipped:
-            self.logger.log_line(f"skipped unreadable checkpoint {bad}")
+        state = load_resume_state(self.ckpts, self.cfg, self.dist, self.gen, self.logger.log_line, self.device)
         if state is None:
             return False
-        check_resume_config(state["config"], asdict(self.cfg), path)
         unwrap_model(self.model).load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.loss.load_state_dict(state["discriminator"])
         self.disc_opt.load_state_dict(state["disc_optimizer"])
-        restore_rng_states(state["rngs"], self.dist, self.gen, self.logger.log_line)
         self.step = int(state["step"])
-        self.logger.log_line(f"resumed from step {self.step} ({path})")
         return True
 
     def save(self) -> None:

@@ -244,10 +244,6 @@ class ARDiff(Generator):
                 x = blk(x, cond, None if cache is None else cache.layers[i])
         return self.final_layer(x, cls)
 
-    def _check_latents(self, latents: torch.Tensor):
-        if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(f"latents must have shape (B, {', '.join(map(str, self.latent_shape))}), got {tuple(latents.shape)}")
-
     # -- training -------------------------------------------------------------------------------
     def loss(self, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, generator=None) -> torch.Tensor:
         self._check_latents(latents)

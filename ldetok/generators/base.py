@@ -62,6 +62,11 @@ class Generator(nn.Module):
             raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
         return labels
 
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(f"latents must have shape (B, {', '.join(map(str, self.latent_shape))}), "
+                             f"got {tuple(latents.shape)}")
+
     def loss(self, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, generator=None) -> torch.Tensor:
         raise NotImplementedError
 

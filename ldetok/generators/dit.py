@@ -327,11 +327,6 @@ class AdaLNZeroTransformer(Generator):
     def forward(self, latents, labels=None, generator=None):
         return self.loss(latents, labels, generator=generator)
 
-    def _check_latents(self, latents: torch.Tensor):
-        if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(f"latents must have shape (B, {', '.join(map(str, self.latent_shape))}), "
-                             f"got {tuple(latents.shape)}")
-
     def config_dict(self) -> dict:
         return dict(latent_shape=list(self.latent_shape), num_classes=self.num_classes,
                     class_dropout=self.class_dropout, patch_size=self.patch_size, hidden_size=self.hidden_size,

@@ -300,10 +300,6 @@ class MAR(Generator):
         x = self.decoder_norm(self._run(self.decoder_blocks, full + self.decoder_pos_embed_learned))
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
 
-    def _check_latents(self, latents: torch.Tensor):
-        if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(f"latents must have shape (B, {', '.join(map(str, self.latent_shape))}), got {tuple(latents.shape)}")
-
     # -- training -------------------------------------------------------------------------------
     def loss(self, latents: torch.Tensor, labels: Optional[torch.Tensor] = None, generator=None) -> torch.Tensor:
         self._check_latents(latents)

@@ -150,7 +150,8 @@ def _match_strict(tok: Tokenizer, state: dict, path, ignore_prefixes=()) -> dict
         if missing:
             lines.append(f"  missing ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
         if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:12])}{' ...' if len(unexpected) > 12 else ''}")
+            more = " ..." if len(unexpected) > 12 else ""
+            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:12])}{more}")
         for k in shapes[:12]:
             lines.append(f"  shape of {k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(ours[k].shape)}")
         raise OfficialCheckpointError("\n".join(lines))

@@ -1,0 +1,296 @@
+"""Small helpers the notebooks call, so that they hold no logic of their own.
+
+Paths: a relative path given to these helpers is taken relative to the project root (the folder
+holding ``ldetok/``), so a notebook gives the same answer whether its kernel starts in ``notebooks/``
+(JupyterLab) or in the repository root (papermill, ``make notebooks``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+
+__all__ = ["project_root", "resolve", "run_dir", "save_fig", "log_metrics", "train_in_process_or_torchrun",
+           "ensure_tokenizer", "ensure_generator", "has_tokenizer", "images", "psnr_sweep", "latent_summary",
+           "loss_curves", "figure_path", "copy_figure", "preset_for", "tail_mean", "plot_sweep", "device", "corrupt_and_decode"]
+
+
+# ---------------------------------------------------------------------------------------------
+# paths, figures, metrics
+# ---------------------------------------------------------------------------------------------
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def resolve(path) -> Optional[Path]:
+    """``path`` as an absolute Path (relative ones against the project root); None stays None."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+
+def run_dir(path, default: str) -> Path:
+    """The notebook's run folder (``default`` under ``runs/notebooks`` when ``path`` is None), created."""
+    p = resolve(path if path is not None else Path("runs/notebooks") / default)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def save_fig(fig, name: str, figures_dir="figures", dpi: int = 110) -> Path:
+    """Write a matplotlib figure to ``figures_dir/name.png`` (never into notebooks/) and return the path."""
+    d = resolve(figures_dir)
+    if d.resolve() == (project_root() / "notebooks").resolve():
+        raise ValueError("figures go to figures/ or a run folder, never into notebooks/")
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / (name if name.endswith(".png") else f"{name}.png")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _plain(v):
+    if torch.is_tensor(v):
+        v = v.detach().cpu().tolist()
+    if hasattr(v, "tolist") and not isinstance(v, (list, tuple, dict, str)):
+        v = v.tolist()
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def log_metrics(values: Dict, run_dir) -> Path:
+    """Merge ``values`` into ``run_dir/metrics.json`` (tensors and numpy scalars become plain JSON)."""
+    path = resolve(run_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old.update(_plain(dict(values)))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(old, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+def has_tokenizer(path) -> bool:
+    p = resolve(path)
+    return p is not None and (p / "tokenizer" / "tokenizer.json").exists()
+
+
+def _summary(kind: str, out: Path) -> dict:
+    if kind == "tokenizer":
+        meta = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+        return {"step": meta.get("step")}
+    meta = json.loads((out / "generator" / "generator.json").read_text())
+    return {"step": meta.get("step"), "final_loss_smooth": meta.get("final_loss_smooth")}
+
+
+def train_in_process_or_torchrun(kind: str, preset: Optional[str], overrides: Dict, out, nproc: int = 1) -> dict:
+    """Train a ``kind`` ("tokenizer" or "generator") run into ``out``: in this process with ``nproc=1``,
+    else ``torchrun --nproc_per_node NPROC -m ldetok.cli train-<kind> ...`` as a subprocess whose output
+    is streamed here. Returns the run's summary (``step``, and for a generator ``final_loss_smooth``)."""
+    from .config import (GeneratorTrainConfig, TokenizerTrainConfig, resolve_generator_config,
+                         resolve_tokenizer_config)
+
+    if kind not in ("tokenizer", "generator"):
+        raise ValueError(f"kind must be 'tokenizer' or 'generator', got {kind!r}")
+    out = resolve(out)
+    overrides = dict(overrides or {})
+    if kind == "generator" and overrides.get("tokenizer") is not None:
+        overrides["tokenizer"] = str(resolve(overrides["tokenizer"]))
+    resolve_cfg = resolve_tokenizer_config if kind == "tokenizer" else resolve_generator_config
+    cfg = resolve_cfg(preset, overrides)  # refuse bad values before any work or any subprocess
+    if int(nproc) <= 1:
+        if kind == "tokenizer":
+            from .engine.tokenizer_trainer import train_tokenizer
+
+            return train_tokenizer(cfg, out)
+        from .engine.generator_trainer import train_generator
+
+        return train_generator(cfg, out)
+    cls = TokenizerTrainConfig if kind == "tokenizer" else GeneratorTrainConfig
+    names = set(cls.__dataclass_fields__)
+    args = [f"{k}={'none' if v is None else v}" for k, v in overrides.items() if k in names]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--nproc_per_node", str(int(nproc)), "-m", "ldetok.cli", f"train-{kind}", "--out", str(out)]
+    cmd += (["--preset", preset] if preset else []) + args
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=project_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return _summary(kind, out)
+
+
+def ensure_tokenizer(path, preset: str, steps: int, fallback, nproc: int = 1, **overrides) -> Path:
+    """``path`` when it holds a finished tokenizer run, else a quick run of ``preset`` (``steps`` steps)
+    trained into ``fallback`` (reused when it is already there)."""
+    if path is not None and has_tokenizer(path):
+        return resolve(path)
+    out = resolve(fallback)
+    if not has_tokenizer(out):
+        print(f"{path}: no finished tokenizer run there; training {preset} for {steps} steps into {out}")
+        ov = dict(max_steps=int(steps), tensorboard=False, image_every=0)
+        ov.update(overrides)
+        train_in_process_or_torchrun("tokenizer", preset, ov, out, nproc)
+    return out
+
+
+def ensure_generator(path, preset: str, overrides: Dict, nproc: int = 1) -> Path:
+    """Train a generator into ``path`` unless it already holds a finished one."""
+    out = resolve(path)
+    if not (out / "generator" / "generator.json").exists():
+        train_in_process_or_torchrun("generator", preset, overrides, out, nproc)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# small measurements the notebooks plot
+# ---------------------------------------------------------------------------------------------
+def images(dataset: str, n: int, split: str = "test", image_size: int = 32, channels: int = 3, start: int = 0,
+           root=None):
+    """The first ``n`` images (and labels) of a dataset split, in [-1, 1]."""
+    from .data import build_dataset
+    from .engine.stats import fetch_batch
+
+    ds = build_dataset(dataset, split="val" if (dataset == "photos" and split == "test") else split,
+                       image_size=image_size, channels=channels, root=root)
+    n = min(int(n), len(ds) - start)
+    return fetch_batch(ds, list(range(start, start + n)))
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    from .eval.recon import psnr
+
+    return float(psnr(a.clamp(-1, 1), b)[0])
+
+
+@torch.no_grad()
+def psnr_sweep(tokenizer, x: torch.Tensor, levels: Sequence[float] = (), ratios: Sequence[float] = (),
+               gamma: float = 3.0, noise_type: str = "interpolative", seed: int = 18) -> dict:
+    """PSNR (dB) of ``x`` against its decoded latents corrupted at each noise level and each mask ratio
+    (``viz.corruption_sweeps``: one shared ε, masking inside the encoder)."""
+    from .viz import corruption_sweeps
+
+    sw = corruption_sweeps(tokenizer, x, list(levels) or [0.0], list(ratios) or [0.0], gamma, noise_type, seed)
+    out = {"levels": [float(t) for t in levels], "ratios": [float(r) for r in ratios]}
+    out["psnr_noise"] = [_psnr(sw["noise"][i], x) for i in range(len(levels))]
+    out["psnr_mask"] = [_psnr(sw["mask"][i], x) for i in range(len(ratios))]
+    return out
+
+
+@torch.no_grad()
+def latent_summary(tokenizer, x: torch.Tensor) -> dict:
+    """Per-channel mean/std of the (clean, posterior-mean) latents of ``x``, their range and overall std."""
+    tokenizer.eval()
+    z = tokenizer.encode(x).float()
+    zc = z.transpose(0, 1).flatten(1)
+    return {"channel_mean": zc.mean(1).tolist(), "channel_std": zc.std(1).tolist(), "min": float(z.min()),
+            "max": float(z.max()), "std": float(z.std()), "abs_mean": float(z.abs().mean())}
+
+
+def loss_curves(run, keys: Sequence[str] = ("loss",)) -> Dict[str, tuple]:
+    """``{key: (steps, values)}`` from a run's metrics.jsonl."""
+    from .engine.logging import read_metrics
+
+    recs = read_metrics(resolve(run))
+    out = {}
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in recs if k in r and "step" in r and isinstance(r[k], (int, float))]
+        if pts:
+            out[k] = tuple(map(list, zip(*pts)))
+    return out
+
+
+def device(name: str = "auto") -> torch.device:
+    from .engine.distributed import resolve_device
+
+    return resolve_device(name)
+
+
+def env_for_kernels() -> None:
+    """One intra-op thread unless told otherwise (the papermill kernels inherit the environment)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def figure_path(name: str, figures_dir="figures") -> Path:
+    """Where ``save_fig`` would write ``name`` (for functions that write their own PNG)."""
+    d = resolve(figures_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    return d / (name if name.endswith(".png") else f"{name}.png")
+
+
+def copy_figure(src, name: str, figures_dir="figures") -> Path:
+    """Copy a PNG a run wrote (e.g. ``images/samples_final.png``) to the figures folder."""
+    dst = figure_path(name, figures_dir)
+    shutil.copyfile(resolve(src), dst)
+    return dst
+
+
+def preset_for(run_path, preset: str) -> str:
+    """The preset a missing run folder stands for: ``runs/main/cpu-fmnist-ae`` -> ``PRESET-ae``."""
+    from .config import VARIANTS
+
+    name = Path(str(run_path)).name
+    for v in VARIANTS:
+        if v != "detok" and name.endswith(f"-{v}") and not preset.endswith(f"-{v}"):
+            return f"{preset}-{v}"
+    return preset
+
+
+def tail_mean(run, key: str = "loss", frac: float = 0.2) -> float:
+    """Mean of the last ``frac`` of a run's logged ``key`` values (at least one record)."""
+    curves = loss_curves(run, (key,))
+    if key not in curves:
+        raise ValueError(f"{run}: no {key!r} in metrics.jsonl")
+    vals = curves[key][1]
+    k = max(1, int(round(len(vals) * frac)))
+    return float(sum(vals[-k:]) / k)
+
+
+def plot_sweep(rows: Sequence[dict], x: str, ys: Sequence[str], group_by: Sequence[str] = ()):
+    """One panel per metric in ``ys`` against ``x``; one line per combination of ``group_by`` values."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.2), squeeze=False)
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(g) for g in group_by), []).append(r)
+    for ax, y in zip(axes[0], ys):
+        for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            rs = sorted((r for r in rs if r.get(x) is not None and r.get(y) is not None), key=lambda r: r[x])
+            label = ", ".join(f"{g}={v}" for g, v in zip(group_by, key)) or None
+            ax.plot([r[x] for r in rs], [r[y] for r in rs], "o-", label=label)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    if group_by:
+        axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def corrupt_and_decode(tokenizer, x: torch.Tensor, t: float, mask_ratio: float, gamma: float = 3.0,
+                       noise_type: str = "interpolative", seed: int = 18) -> dict:
+    """``{"noise": decode(noise(z, t)), "mask": decode(encode with mask_ratio)}`` for one setting."""
+    from .viz import corruption_sweeps
+
+    sw = corruption_sweeps(tokenizer, x, [float(t)], [float(mask_ratio)], gamma, noise_type, seed)
+    return {"noise": sw["noise"][0], "mask": sw["mask"][0]}

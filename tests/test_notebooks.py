@@ -1,0 +1,213 @@
+"""The five notebooks: hygiene of the committed files, and smoke runs through papermill.
+
+Each notebook runs headlessly with tiny parameters (a few training steps, a handful of images, a tmp
+RUN_DIR and a tmp figures folder); the test reads back the ``metrics.json`` it wrote and checks that
+its figures exist. The ablation notebook runs through ``ldetok.sweep.run_sweep`` on a 2-point grid,
+then once more in aggregate mode over that sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = ["01_latent_corruption", "02_tokenizer_training", "03_generator_training", "04_ablations",
+             "05_latent_robustness"]
+
+nbformat = pytest.importorskip("nbformat")
+jupytext = pytest.importorskip("jupytext")
+
+
+# ---------------------------------------------------------------------------------------------
+# hygiene (fast)
+# ---------------------------------------------------------------------------------------------
+def _code_sources(nb) -> list:
+    return [c.source.strip() for c in nb.cells if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_is_clean_and_in_sync(name):
+    ipynb, py = NB_DIR / f"{name}.ipynb", NB_DIR / f"{name}.py"
+    assert ipynb.exists() and py.exists(), f"{name}: both the .ipynb and its py:percent pair must exist"
+    nb = nbformat.read(ipynb, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert not cell.get("outputs"), f"{ipynb.name} cell {i} has outputs: strip them before committing"
+            assert cell.get("execution_count") is None, f"{ipynb.name} cell {i} has an execution count"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and "parameters" in code[0].metadata.get("tags", []), \
+        f"{ipynb.name}: the first code cell must be tagged 'parameters'"
+    # literals only in the parameters cell
+    import ast
+
+    for node in ast.parse(code[0].source).body:
+        assert isinstance(node, ast.Assign), f"{ipynb.name}: the parameters cell holds assignments only"
+        ast.literal_eval(node.value)
+    paired = jupytext.read(py)
+    assert _code_sources(paired) == _code_sources(nb), \
+        f"{name}: .ipynb and .py differ; run `jupytext --sync notebooks/{name}.py`"
+    formats = nb.metadata.get("jupytext", {}).get("formats", "")
+    assert "py:percent" in formats, f"{ipynb.name}: not paired with a py:percent file"
+
+
+def test_sweep_grid_helpers():
+    from ldetok.sweep import grid_points, parse_grid, point_name
+
+    grid = parse_grid(["gamma=0,1,3", "max_mask_ratio=0,0.7", "noise_type=interpolative,additive"])
+    assert grid == {"gamma": [0, 1, 3], "max_mask_ratio": [0, 0.7], "noise_type": ["interpolative", "additive"]}
+    pts = grid_points(grid)
+    assert len(pts) == 12 and pts[0] == {"gamma": 0, "max_mask_ratio": 0, "noise_type": "interpolative"}
+    assert point_name(pts[-1]) == "gamma=3_max_mask_ratio=0.7_noise_type=additive"
+    with pytest.raises(ValueError):
+        parse_grid(["gamma"])
+
+
+def test_notebook_helpers(tmp_path):
+    from ldetok import notebook as nb
+
+    p = nb.log_metrics({"a": 1.0}, tmp_path)
+    nb.log_metrics({"b": [1, 2]}, tmp_path)
+    assert json.loads(p.read_text()) == {"a": 1.0, "b": [1, 2]}
+    assert nb.preset_for("runs/main/cpu-fmnist-ae", "cpu-fmnist") == "cpu-fmnist-ae"
+    assert nb.preset_for("runs/main/cpu-fmnist", "cpu-fmnist") == "cpu-fmnist"
+    with pytest.raises(ValueError):
+        nb.save_fig(None, "x", NB_DIR)
+    with pytest.raises(ValueError):
+        nb.train_in_process_or_torchrun("tokenizer", "cpu-fmnist", {"bogus_key": 1}, tmp_path, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# smoke runs (slow)
+# ---------------------------------------------------------------------------------------------
+TOK_SMOKE = dict(STEPS=3, BATCH_SIZE=16, STATS_IMAGES=64, N_EVAL=16)
+
+
+@pytest.fixture(scope="module")
+def kernel_env():
+    os.environ["OMP_NUM_THREADS"] = "1"  # the kernels inherit it: a loaded 2-core machine
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    return os.environ
+
+
+def _execute(name, params, out_dir: Path) -> Path:
+    import papermill as pm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(NB_DIR / f"{name}.ipynb"), str(out_dir / "executed.ipynb"), parameters=params,
+                        cwd=str(ROOT), progress_bar=False)
+    return out_dir / "executed.ipynb"
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _metrics(run) -> dict:
+    path = Path(run) / "metrics.json"
+    assert path.exists(), f"{path} not written"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_01_latent_corruption(tmp_path, kernel_env):
+    run, figs = tmp_path / "run", tmp_path / "figs"
+    _execute("01_latent_corruption", dict(STEPS=3, STATS_IMAGES=64, FMNIST_DETOK_RUN=None, FMNIST_AE_RUN=None,
+                                          PHOTOS_DETOK_RUN=None, PHOTOS_AE_RUN=None, N_IMAGES=1, N_PSNR=8,
+                                          N_TAU=2000, RUN_DIR=str(run), FIGURES_DIR=str(figs)), run)
+    m = _metrics(run)
+    for ds in ("fashion_mnist", "photos"):
+        for tok in ("l-DeTok", "AE"):
+            clean, noisy = m[f"psnr_{ds}_{tok}_interpolative_t0"], m[f"psnr_{ds}_{tok}_interpolative_t0.5"]
+            assert _finite(clean) and _finite(noisy) and 0 < noisy and clean < 60
+    assert 0.55 < m["tau_logit_normal_mean"] < 0.75 and 0.45 < m["tau_uniform_mean"] < 0.55
+    assert 0.05 < m["mask_ratio_zero_frac"] < 0.22  # P(U(-0.1, 0.7) < 0) = 1/8
+    for f in ("nb01_tau_distributions", "nb01_fashion_mnist_interpolative_sweep", "nb01_photos_additive_sweep",
+              "nb01_psnr_vs_corruption"):
+        assert (figs / f"{f}.png").exists(), f
+    assert not list(NB_DIR.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_02_tokenizer_training(tmp_path, kernel_env):
+    run, figs = tmp_path / "run", tmp_path / "figs"
+    _execute("02_tokenizer_training", dict(TOK_SMOKE, LOG_EVERY=1, NOISE_LEVELS=[0.5], RFID=False, N_SHOW=4,
+                                           RUN_DIR=str(run), FIGURES_DIR=str(figs)), run)
+    m = _metrics(run)
+    assert m["steps"] == 3 and _finite(m["final_loss"]) and 0 < m["final_loss"] < 5
+    assert 3 < m["psnr_clean"] < 60 and 3 < m["psnr_t0.5"] < 60 and -1 <= m["ssim_clean"] <= 1
+    assert m["rfid_clean"] is None  # RFID=False
+    for f in ("nb02_loss_curves", "nb02_reconstructions"):
+        assert (figs / f"{f}.png").exists()
+
+
+@pytest.mark.slow
+def test_03_generator_training(tmp_path, kernel_env):
+    run, figs = tmp_path / "run", tmp_path / "figs"
+    _execute("03_generator_training", dict(TOKENIZER_RUN=None, TOKENIZER_STEPS=3, STATS_IMAGES=64, MODEL="sit", STEPS=3,
+                                           BATCH_SIZE=16, LATENTS="online", SAMPLE_STEPS=2, N_EVAL=8, N_SEARCH=8,
+                                           CFGS=[1.0, 2.0], FEATURES=["inception"], RUN_DIR=str(run),
+                                           FIGURES_DIR=str(figs)), run)
+    m = _metrics(run)
+    assert m["steps"] == 3 and _finite(m["final_loss"]) and m["best_cfg"] in (1.0, 2.0)
+    assert _finite(m["gfid"]) and m["gfid"] > 0
+    assert set(m["sweep_fid"]) == {"1", "2"} and all(_finite(v) for v in m["sweep_fid"].values())
+    for f in ("nb03_sit_loss", "nb03_sit_samples", "nb03_sit_cfg_sweep"):
+        assert (figs / f"{f}.png").exists()
+
+
+@pytest.mark.slow
+def test_04_ablations_sweep_and_aggregate(tmp_path, kernel_env):
+    from ldetok.sweep import read_sweep, run_sweep
+
+    sweep_dir, figs = tmp_path / "sweep", tmp_path / "figs"
+    summary = run_sweep(NB_DIR / "04_ablations.ipynb", {"gamma": [0.0, 3.0]}, sweep_dir,
+                        extra_params=dict(TOK_SMOKE, FIGURES_DIR=str(figs)))
+    assert set(summary["points"]) == {"gamma=0.0", "gamma=3.0"}
+    assert all(p["status"] == "ok" for p in summary["points"].values()), summary
+    assert (sweep_dir / "gamma=3.0" / "executed.ipynb").exists() and (sweep_dir / "sweep.json").exists()
+    rows = read_sweep(sweep_dir)
+    assert sorted(r["gamma"] for r in rows) == [0.0, 3.0]
+    for r in rows:
+        assert r["steps"] == 3 and all(_finite(r[k]) for k in ("psnr_clean", "psnr_t0.5", "psnr_mask0.5", "latent_std"))
+        assert r["psnr_t0.5"] < r["psnr_clean"] + 3 and r["latent_std"] > 0
+
+    agg = tmp_path / "agg"
+    _execute("04_ablations", dict(SWEEP_DIR=str(sweep_dir), RUN_DIR=str(agg), FIGURES_DIR=str(figs)), agg)
+    m = _metrics(agg)
+    assert m["n_points"] == 2 and m["best_point_t0.5"] in ("gamma=0.0", "gamma=3.0") and _finite(m["best_psnr_t0.5"])
+    assert (figs / "nb04_sweep_psnr_vs_gamma.png").exists()
+
+
+@pytest.mark.slow
+def test_sweep_records_a_failed_point(tmp_path, kernel_env):
+    from ldetok.sweep import run_sweep
+
+    # an unknown preset is refused before any training: the point fails, the sweep goes on
+    summary = run_sweep(NB_DIR / "04_ablations.ipynb", {"PRESET": ["no-such-preset"]}, tmp_path / "sweep",
+                        extra_params=dict(TOK_SMOKE, FIGURES_DIR=str(tmp_path / "figs")))
+    rec = summary["points"]["PRESET=no-such-preset"]
+    assert rec["status"] == "failed" and rec["returncode"] != 0 and rec["error_tail"]
+
+
+@pytest.mark.slow
+def test_05_latent_robustness(tmp_path, kernel_env):
+    run, figs = tmp_path / "run", tmp_path / "figs"
+    _execute("05_latent_robustness", dict(STEPS=3, STATS_IMAGES=64, N_EVAL=16, DENOISER_STEPS=3, DENOISER_BATCH=16,
+                                          TOKENIZER_RUNS=[str(tmp_path / "tok" / "cpu-fmnist"),
+                                                          str(tmp_path / "tok" / "cpu-fmnist-ae")],
+                                          RUN_DIR=str(run), FIGURES_DIR=str(figs)), run)
+    m = _metrics(run)
+    toks = m["tokenizers"]
+    assert set(toks) == {"cpu-fmnist", "cpu-fmnist-ae"}
+    assert toks["cpu-fmnist"]["gamma"] == 3.0 and toks["cpu-fmnist-ae"]["gamma"] == 0.0
+    for t in toks.values():
+        assert all(_finite(t[k]) for k in ("psnr_clean", "psnr_t0.5", "psnr_mask0.5", "latent_std", "denoise_loss"))
+        assert t["denoise_loss"] > 0 and t["latent_min"] <= t["latent_max"]
+    for f in ("nb05_robustness_curves", "nb05_latent_stats", "nb05_denoiser_loss"):
+        assert (figs / f"{f}.png").exists()
