@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TORCH_HOME", str(ROOT / ".cache" / "torch"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("LDETOK_CACHE", str(ROOT / ".cache" / "ldetok"))  # reference stats, classifiers
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
