@@ -7,7 +7,7 @@ with weight 0.1 from a start step, everything in float32.
 Checkpoint contents: ``state_dict()`` holds only the discriminator (and the LeCam EMAs when LeCam is
 on). The perceptual nets are frozen pretrained weights; they are kept out of the registered
 submodules (so they are neither saved, nor seen by DDP or ``parameters()``) yet follow ``.to()``,
-``.cuda()`` etc. through ``_apply``, always staying float32.
+device moves through ``_apply``, always staying float32.
 
 Engine contract:
 - ``loss, logs = loss_fn.generator_loss(target, out.recon, out.posterior, step, last_layer=...)``
