@@ -203,12 +203,7 @@ GENERATOR_PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 def resolve_generator_config(preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None):
-    base = GeneratorTrainConfig()
-    if preset is not None:
-        if preset not in GENERATOR_PRESETS:
-            raise ValueError(f"unknown generator preset {preset!r}; available: {', '.join(sorted(GENERATOR_PRESETS))}")
-        base = apply_overrides(base, GENERATOR_PRESETS[preset])
-    return apply_overrides(base, overrides or {}).validate()
+    return _resolve(GeneratorTrainConfig(), GENERATOR_PRESETS, "generator preset", preset, overrides)
 
 
 # The paper's corruption ablation: name -> (gamma, max mask ratio)
@@ -302,13 +297,17 @@ def apply_overrides(cfg, overrides: Dict[str, Any]):
         raise ValueError(f"unknown config keys: {', '.join(bad)}")
     return dataclasses.replace(cfg, **overrides)
 
-def resolve_tokenizer_config(preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None):
-    base = TokenizerTrainConfig()
+def _resolve(base, presets: Dict[str, Dict[str, Any]], what: str, preset: Optional[str], overrides):
+    """Defaults <- the preset's fields <- ``overrides``, validated before any work starts."""
     if preset is not None:
-        if preset not in TOKENIZER_PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(sorted(TOKENIZER_PRESETS))}")
-        base = apply_overrides(base, TOKENIZER_PRESETS[preset])
+        if preset not in presets:
+            raise ValueError(f"unknown {what} {preset!r}; available: {', '.join(sorted(presets))}")
+        base = apply_overrides(base, presets[preset])
     return apply_overrides(base, overrides or {}).validate()
+
+
+def resolve_tokenizer_config(preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None):
+    return _resolve(TokenizerTrainConfig(), TOKENIZER_PRESETS, "preset", preset, overrides)
 
 def config_diff(a, b) -> Dict[str, tuple]:
     da, db = (asdict(a) if dataclasses.is_dataclass(a) else dict(a)), (asdict(b) if dataclasses.is_dataclass(b) else dict(b))

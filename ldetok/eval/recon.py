@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.distributed import broadcast_object, gather_objects, get_rank, get_world_size
 from .fid import (
     InceptionFeatures,
     MetricResult,
@@ -96,11 +97,7 @@ def ssim(
 
 # ---- the evaluation -----------------------------------------------------------------------------
 def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return get_rank(), get_world_size()
 
 
 def _map_style(obj):
@@ -191,7 +188,7 @@ def evaluate_reconstruction(
     def check_cache(res):  # the same answer on every rank: rank 0 decides
         if not compute_rfid:
             return False
-        return _broadcast(lookup_reference_stats(dataset_key, split, res, n, extractor, cache_dir) is None)
+        return broadcast_object(lookup_reference_stats(dataset_key, split, res, n, extractor, cache_dir) is None)
 
     resolution, need_real = None, False
     if ds is not None:  # know the resolution before the loop, so no rank can skip the broadcast
@@ -253,33 +250,18 @@ def evaluate_reconstruction(
             cache_dir,
             protocol_extra or {},
         )
-    return _broadcast(results)
+    return broadcast_object(results)
 
 
 def _gather(local: dict) -> dict:
     """All ranks' arrays concatenated in image-index order (identity in a single process)."""
-    import torch.distributed as dist
-
-    parts = [local]
-    if _dist_info()[1] > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, local)
+    parts = gather_objects(local)
     order = np.argsort(np.concatenate([p["index"] for p in parts]), kind="stable")
     out = {}
     for k in local:
         vals = [p[k] for p in parts if p[k] is not None]
         out[k] = np.concatenate(vals)[order] if vals else None
     return out
-
-
-def _broadcast(obj):
-    import torch.distributed as dist
-
-    if _dist_info()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _summarise(

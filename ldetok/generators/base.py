@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["Generator", "TimestepEmbedder", "LabelEmbedder", "modulate", "sincos_pos_embed_2d"]
+__all__ = ["Generator", "TimestepEmbedder", "LabelEmbedder", "modulate", "sincos_pos_embed_2d", "xavier_linears"]
 
 
 class Generator(nn.Module):
@@ -88,6 +88,20 @@ class Generator(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Shared blocks
+# ---------------------------------------------------------------------------------------------
+def xavier_linears(module: nn.Module) -> None:
+    """DiT/MAR's base init: Xavier-uniform weights and zero biases for every Linear in ``module``."""
+
+    def init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    module.apply(init)
+
+
+# ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN modulation; shift/scale (B, D) broadcast over the token dim of x (B, L, D) or x (B, D)."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import TimestepEmbedder, modulate
+from .base import TimestepEmbedder, modulate, xavier_linears
 from .diffusion import create_diffusion, _randn
 
 __all__ = ["DiffLoss", "SimpleMLPAdaLN", "ResBlock", "FinalLayer"]
@@ -80,13 +80,7 @@ class SimpleMLPAdaLN(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(basic)
+        xavier_linears(self)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
         # adaLN-zero: every block starts as the identity and the output starts at 0 (MAR/DiT)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, RMSNorm, SwiGLU, apply_rope
-from .base import Generator, LabelEmbedder, TimestepEmbedder, modulate, sincos_pos_embed_2d
+from .base import Generator, LabelEmbedder, TimestepEmbedder, modulate, sincos_pos_embed_2d, xavier_linears
 from .diffusion import create_diffusion
 
 __all__ = [
@@ -246,13 +246,7 @@ class AdaLNZeroTransformer(Generator):
 
     # -- init (DiT's recipe) --------------------------------------------------------------------
     def initialize_weights(self):
-        def basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(basic)
+        xavier_linears(self)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, *self.grid).unsqueeze(0))
         w = self.x_embedder.proj.weight
