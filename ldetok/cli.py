@@ -100,7 +100,11 @@ def cmd_reproduce(args) -> int:
 
     seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else None
     variants = args.variants.split(",") if args.variants else None
-    reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures)
+    from .reproduce import parse_budgets
+
+    budgets = parse_budgets(args.budgets) if args.budgets else None
+    reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures,
+              budgets=budgets)
     return 0
 
 
@@ -172,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_eval_generator)
 
     s = sub.add_parser("reproduce", help="the corruption ablation end to end (tokenizers, generators, metrics)")
-    s.add_argument("--preset", required=True, help="cpu-quick, cpu-full, gpu-photos, gpu-imagenet-ablation, tiny")
+    s.add_argument("--preset", required=True, help="cpu-quick, cpu-budget, cpu-full, gpu-photos, gpu-imagenet-ablation, tiny")
     s.add_argument("--out", required=True)
     s.add_argument("--seeds", default="", help="override the preset's seeds, e.g. 0,1,2")
     s.add_argument("--variants", default="", help="override the variants: ae,mask,noise,detok")
+    s.add_argument("--budgets", default="", help="override the budgets, TOKENIZER:GENERATOR steps, e.g. 500:750,1000:1500")
     s.add_argument("--device", default="auto")
     s.add_argument("--figures", default="figures")
     s.set_defaults(fn=cmd_reproduce)

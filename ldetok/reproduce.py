@@ -6,6 +6,8 @@ the same generator(s) on it, and measures, in each feature space (Inception; and
 classifier where the data allows):
 
 - the reconstruction ceiling: PSNR of clean reconstructions, and FD(reconstructions, real);
+- robustness of the latents: PSNR when the raw latents are corrupted by interpolative noise at fixed t
+  (γ=3, one shared ε) before decoding;
 - sample quality: FD(samples, real) (gFID in Inception space) and KID(samples, real);
 - the modelability of the latents, free of the reconstruction ceiling: FD(samples, reconstructions),
   i.e. how close the generator gets to what its own tokenizer can render;
@@ -45,6 +47,11 @@ class ReproducePreset:
     budgets: Sequence[Tuple[int, int]] = ((1000, 1500),)  # (tokenizer steps, generator steps)
     n_eval: int = 1000  # samples and real/reconstructed images per evaluation
     features: Sequence[str] = ("classifier", "inception")
+    # Inception features on the first n_inception images of each (class-balanced) set; None: all n_eval.
+    # On a CPU the 299 px Inception runs at ~12 img/s on 2 cores, so the CPU presets use fewer images
+    # there (KID, unbiased, is the metric to read at such counts; FID at small n is biased upwards).
+    n_inception: Optional[int] = None
+    noise_levels: Sequence[float] = (0.3, 0.5, 0.7)
     cfg: float = 1.5
     sample_steps: Optional[int] = None
     tok_overrides: Dict = field(default_factory=dict)
@@ -54,10 +61,14 @@ class ReproducePreset:
 REPRODUCE_PRESETS: Dict[str, ReproducePreset] = {
     # make run: baseline vs l-DeTok, one seed, SiT, ~20 min on 2 cores
     "cpu-quick": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
-                                 budgets=((1000, 1500),), n_eval=1000, features=("classifier",)),
+                                 budgets=((1000, 1500),), n_eval=1000, n_inception=500),
+    # baseline vs l-DeTok at four budgets, two seeds (about 75 min on 2 cores with one process per seed)
+    "cpu-budget": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
+                                  seeds=(0, 1), budgets=((250, 375), (500, 750), (1000, 1500), (2000, 3000)),
+                                  n_eval=1000, n_inception=250),
     # all four variants, three seeds, a budget sweep (hours on 2 cores)
     "cpu-full": ReproducePreset("cpu-fmnist", "cpu-fmnist", generators=("sit", "mar"), seeds=(0, 1, 2),
-                                budgets=((1000, 1500), (3000, 3000), (8000, 6000)), n_eval=2000),
+                                budgets=((1000, 1500), (3000, 3000), (8000, 6000)), n_eval=2000, n_inception=1000),
     # one modern GPU, a few hours: colour photo crops at 64 px, CPU sizes scaled up
     "gpu-photos": ReproducePreset("cpu-photos", "cpu-fmnist", generators=("sit", "mar"), seeds=(0, 1),
                                   budgets=((5000, 10000), (20000, 40000)), n_eval=5000, features=("inception",),
@@ -71,7 +82,7 @@ REPRODUCE_PRESETS: Dict[str, ReproducePreset] = {
         gen_overrides=dict(model_args='{"diffloss_d": 3}')),
     # for tests: seconds
     "tiny": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
-                            budgets=((2, 2), (3, 3)), n_eval=16, features=("inception",), sample_steps=4,
+                            budgets=((2, 2), (3, 3)), n_eval=16, n_inception=12, features=("inception",), sample_steps=4,
                             tok_overrides=dict(batch_size=16, stats_images=64, log_every=1, tensorboard=False),
                             gen_overrides=dict(batch_size=16, log_every=1, tensorboard=False, latents="online")),
 }
@@ -119,7 +130,13 @@ def _extractors(names, device):
     return out
 
 
-def _features(ext, images: torch.Tensor) -> np.ndarray:
+def _quantize(x: torch.Tensor) -> torch.Tensor:
+    """Images as their 8-bit PNG would hold them (rounded, as ``ldetok sample`` writes them), back in [-1, 1]."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def _features(ext, images: torch.Tensor, n: Optional[int] = None) -> np.ndarray:
+    images = images[:n] if n else images
     return np.asarray(ext.features(images.split(100)), dtype=np.float64)
 
 
@@ -135,9 +152,41 @@ def _kid(a: np.ndarray, b: np.ndarray) -> float:
     return float(kid_from_features(a, b, subset_size=min(1000, len(a), len(b)))[0])
 
 
+def parse_budgets(text: str) -> List[Tuple[int, int]]:
+    """``"500:750,1000:1500"`` -> ``[(500, 750), (1000, 1500)]`` (tokenizer steps : generator steps)."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"budget {item!r} is not TOKENIZER_STEPS:GENERATOR_STEPS (e.g. 1000:1500)")
+        out.append((int(parts[0]), int(parts[1])))
+    if not out:
+        raise ValueError(f"no budgets in {text!r}")
+    return out
+
+
+@torch.no_grad()
+def _corrupted_psnr(tok, x: torch.Tensor, levels: Sequence[float], seed: int, dev) -> Dict[str, float]:
+    """PSNR of decodes of the raw latents corrupted by (1-t)·z + t·3·ε at each t (one ε per image, seeded)."""
+    from .corruption import interpolative_noise
+    from .eval.recon import psnr
+
+    out = {}
+    for t in levels:
+        g = torch.Generator().manual_seed(seed)
+        rec = []
+        for b in x.split(200):
+            z = tok.encode(b.to(dev))
+            eps = torch.randn(z.shape, generator=g).to(z)
+            rec.append(tok.decode(interpolative_noise(z, float(t), 3.0, noise=eps)).clamp(-1, 1).cpu())
+        out[f"psnr_t{t:g}"] = psnr(x, _quantize(torch.cat(rec)))[0]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants: Optional[Sequence[str]] = None,
-              device: str = "auto", figures_dir="figures") -> List[dict]:
+              device: str = "auto", figures_dir="figures",
+              budgets: Optional[Sequence[Tuple[int, int]]] = None) -> List[dict]:
     from .config import resolve_generator_config, resolve_tokenizer_config
     from .data import build_dataset
     from .engine.distributed import resolve_device
@@ -153,15 +202,20 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     P = REPRODUCE_PRESETS[preset]
     seeds = list(seeds if seeds is not None else P.seeds)
     variants = list(variants or P.variants)
+    unknown = [v for v in variants if v not in PAPER_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(PAPER_VARIANTS)}")
+    budgets = [tuple(b) for b in (budgets or P.budgets)]
     out = Path(out)
     dev = resolve_device(device)
-    n_stages = len(P.budgets) * len(seeds) * len(variants) * (2 + 2 * len(P.generators))
+    n_stages = len(budgets) * len(seeds) * len(variants) * (2 + 2 * len(P.generators))
     prog = _Progress(n_stages)
     rows: List[dict] = []
     exts = None
     real_feats: Dict[str, np.ndarray] = {}
+    n_space = lambda k: P.n_inception if k == "inception" else None  # noqa: E731
 
-    for tok_steps, gen_steps in P.budgets:
+    for tok_steps, gen_steps in budgets:
         for seed in seeds:
             for v in variants:
                 tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
@@ -171,34 +225,40 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
                 over = dict(P.tok_overrides, seed=seed)
                 if tok_steps:
                     over["max_steps"] = tok_steps
-                t = prog.stage(f"tokenizer {PAPER_VARIANTS.get(v, v)} seed {seed} ({tok_steps or 'preset'} steps)")
+                t = prog.stage(f"tokenizer {PAPER_VARIANTS[v]} seed {seed} ({tok_steps or 'preset'} steps)")
                 meta = tok_dir / "tokenizer" / "tokenizer.json"
                 skipped = meta.exists() and (not tok_steps or json.loads(meta.read_text())["step"] == tok_steps)
                 if not skipped:
                     train_tokenizer(resolve_tokenizer_config(tpreset, over), tok_dir)
                 prog.end(t, skipped)
 
-                # ---- reconstruction ceiling ---------------------------------------------------
+                # ---- reconstruction ceiling and robustness ------------------------------------
                 t = prog.stage(f"reconstruction metrics {tag}")
                 rec_path = out / "eval" / f"recon_{tag}.json"
                 rec = _done(rec_path)
-                tok = load_tokenizer(tok_dir).to(dev).eval()
-                cfg_t = json.loads(meta.read_text())["train_config"]
-                test = build_dataset(cfg_t["dataset"], split=cfg_t["eval_split"], image_size=cfg_t["image_size"],
-                                     channels=cfg_t["in_channels"], root=cfg_t.get("data_root"))
-                n = min(P.n_eval, len(test))
-                x_real, _ = fetch_batch(test, list(range(n)))
-                if exts is None:
-                    exts = _extractors(P.features, dev)
-                    for name, ext in exts.items():
-                        real_feats[name] = _features(ext, x_real)
-                with torch.no_grad():
-                    x_rec = torch.cat([tok.reconstruct(b.to(dev)).cpu() for b in x_real.split(200)])
-                recon_feats = {k: _features(e, x_rec) for k, e in exts.items()}
+                gen_evals = {fam: out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json" for fam in P.generators}
+                need_feats = rec is None or any(not p.exists() for p in gen_evals.values())
+                recon_feats: Dict[str, np.ndarray] = {}
+                n = P.n_eval
+                if need_feats:
+                    tok = load_tokenizer(tok_dir).to(dev).eval()
+                    cfg_t = json.loads(meta.read_text())["train_config"]
+                    test = build_dataset(cfg_t["dataset"], split=cfg_t["eval_split"], image_size=cfg_t["image_size"],
+                                         channels=cfg_t["in_channels"], root=cfg_t.get("data_root"))
+                    n = min(P.n_eval, len(test))
+                    x_real, _ = fetch_batch(test, list(range(n)))
+                    if exts is None:
+                        exts = _extractors(P.features, dev)
+                        for name, ext in exts.items():
+                            real_feats[name] = _features(ext, x_real, n_space(name))
+                    with torch.no_grad():
+                        x_rec = _quantize(torch.cat([tok.reconstruct(b.to(dev)).cpu() for b in x_real.split(200)]))
+                    recon_feats = {k: _features(e, x_rec, n_space(k)) for k, e in exts.items()}
                 if rec is None:
                     from .eval.recon import psnr, ssim
 
-                    rec = {"psnr": psnr(x_real, x_rec)[0], "ssim": ssim(x_real, x_rec)[0]}
+                    rec = {"n_recon": n, "psnr": psnr(x_real, x_rec)[0], "ssim": ssim(x_real, x_rec)[0],
+                           **_corrupted_psnr(tok, x_real, P.noise_levels, seed, dev)}
                     for k in exts:
                         rec[f"fd_recon_real[{k}]"] = _fd(recon_feats[k], real_feats[k])
                     _save(rec_path, rec)
@@ -222,26 +282,28 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
                     prog.end(t, skipped)
 
                     t = prog.stage(f"sample {n} and evaluate {gtag}")
-                    ev_path = out / "eval" / f"gen_{gtag}.json"
-                    ev = _done(ev_path)
+                    ev = _done(gen_evals[fam])
                     if ev is None:
                         gen, gtok, gm = load_generator_run(gdir, dev)
                         imgs, labels = generate_images(gen, gtok, n, cfg=P.cfg, steps=P.sample_steps, seed=seed)
+                        imgs = _quantize(imgs)
                         ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": P.cfg, "n": n,
                               "sample_steps": P.sample_steps}
                         for k, e in exts.items():
-                            f = _features(e, imgs)
+                            f = _features(e, imgs, n_space(k))
+                            ev[f"n[{k}]"] = len(f)
                             ev[f"fd_gen_real[{k}]"] = _fd(f, real_feats[k])
                             ev[f"kid_gen_real[{k}]"] = _kid(f, real_feats[k])
                             ev[f"fd_gen_recon[{k}]"] = _fd(f, recon_feats[k])
                         save_grid(imgs[: min(n, 80)], out / "samples" / f"{gtag}.png", nrow=10)
-                        _save(ev_path, ev)
+                        _save(gen_evals[fam], ev)
                         prog.end(t)
                     else:
                         prog.end(t, skipped=True)
                     rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
                                  "gen_steps": gen_steps, **rec, **ev})
     _write_results(P, preset, rows, out, Path(figures_dir))
+    print(f"[{(time.time() - prog.t0) / 60:6.1f} min] done: {out / 'results.md'}", flush=True)
     return rows
 
 
@@ -254,15 +316,28 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     metrics = [k for k in keys if k not in ("variant", "generator", "seed", "tok_steps", "gen_steps", "cfg", "n",
-                                            "sample_steps")]
+                                            "n_recon", "sample_steps") and not k.startswith("n[")]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
         groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
+    counts = "; ".join(f"{k}: first {rows[0][f'n[{k}]']}" for k in P.features if f"n[{k}]" in rows[0])
     lines = [f"# ldetok reproduce --preset {preset}", "",
-             f"n = {rows[0]['n']} images per set; cfg {rows[0]['cfg']}; seeds {sorted({r['seed'] for r in rows})}; "
-             "mean ± std over seeds. fd_recon_real: the reconstruction ceiling; fd_gen_real: sample quality "
-             "(gFID in Inception space); fd_gen_recon: the distance from samples to the tokenizer's own "
-             "reconstructions (modelability of the latents); generator_loss: smoothed final training loss.", "",
+             f"Test images and class-balanced samples (cfg {rows[0]['cfg']}, EMA weights, "
+             f"{rows[0]['sample_steps'] or 'default'} sampler steps), n = {rows[0]['n']} per set; feature spaces "
+             f"({counts or ', '.join(P.features)}); seeds {sorted({r['seed'] for r in rows})}, mean ± std over seeds.",
+             "",
+             "- `psnr`, `ssim`: clean reconstructions (posterior mean, 8-bit rounded); `psnr_tT`: decodes of raw "
+             "latents corrupted by (1-t)·z + t·3·ε.",
+             "- `fd_recon_real[S]`: Fréchet distance of reconstructions to the real images in space S: the "
+             "reconstruction ceiling (rFID in Inception space).",
+             "- `fd_gen_real[S]`, `kid_gen_real[S]`: samples against real images (gFID and KID in Inception space; "
+             "KID as the raw unbiased MMD², not ×10³).",
+             "- `fd_gen_recon[S]`: samples against the tokenizer's own reconstructions: how well the generator "
+             "models the latents, free of the reconstruction ceiling.",
+             "- `generator_loss`: the generator's smoothed final training loss on its normalised latents.",
+             "- `classifier`: a small Fashion-MNIST CNN's 128-d features (a quick second space, beside Inception); "
+             "`inception`: FID-Inception pool3, 2048-d. Distances in the two spaces are not comparable.",
+             "",
              "| tok steps | gen steps | generator | variant | " + " | ".join(metrics) + " |",
              "|" + "---|" * (4 + len(metrics))]
     for (ts, gs, fam, v), rs in groups.items():
