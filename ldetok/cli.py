@@ -111,7 +111,7 @@ def cmd_reproduce(args) -> int:
 def cmd_main(args) -> int:
     from .main_job import run_main_job
 
-    run_main_job(args.out, steps=args.steps, n_eval=args.n)
+    run_main_job(args.out, preset=args.preset, figures_dir=args.figures, device=args.device)
     return 0
 
 
@@ -185,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--figures", default="figures")
     s.set_defaults(fn=cmd_reproduce)
 
-    s = sub.add_parser("main", help="the main job behind `make run`")
+    s = sub.add_parser("main", help="the main job behind `make run`: reproduce --preset cpu-quick, figures, table")
     s.add_argument("--out", default="runs/main")
-    s.add_argument("--steps", type=int, default=None, help="tokenizer steps per variant (default: the preset's)")
-    s.add_argument("--n", type=int, default=500, help="evaluation images")
+    s.add_argument("--preset", default="cpu-quick", help="the reproduce preset (cpu-quick; tiny for a smoke run)")
+    s.add_argument("--figures", default="figures")
+    s.add_argument("--device", default="auto")
     s.set_defaults(fn=cmd_main)
 
     from .demo.cli import add_demo_parser  # light: torch and gradio load only when the demo runs

@@ -1,23 +1,26 @@
-"""The main job behind ``make run``: train an l-DeTok tokenizer and a plain autoencoder (γ=0, M=0) on
-Fashion-MNIST with the CPU preset, evaluate both (clean reconstruction and reconstruction of latents
-corrupted at t = 0.3/0.5/0.7), write the figures to ``figures/`` and print the comparison table.
+"""The main job behind ``make run``: ``ldetok reproduce --preset cpu-quick`` (a plain autoencoder,
+γ=0/M=0, against l-DeTok, γ=3/M=0.7, on Fashion-MNIST: both tokenizers, a SiT on each one's latents,
+reconstruction and generation metrics in Inception space and a Fashion-MNIST classifier's space), then
+the figures (reconstructions, corruption sweeps, samples) and the headline table.
 
-Each stage resumes: running it again reuses finished runs.
+Every stage resumes: running it again reuses finished runs. The two tokenizers are also linked as
+``OUT/cpu-fmnist`` and ``OUT/cpu-fmnist-ae``, where the notebooks and the demo look for them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List
 
 import torch
 
-__all__ = ["run_main_job", "MAIN_VARIANTS"]
+__all__ = ["run_main_job", "headline_table"]
 
-MAIN_VARIANTS = {"l-DeTok (γ=3, M=0.7)": "cpu-fmnist", "AE (γ=0, M=0)": "cpu-fmnist-ae"}
-NOISE_LEVELS = (0.3, 0.5, 0.7)
+LABELS = {"detok": "l-DeTok (γ=3, M=0.7)", "ae": "AE (γ=0, M=0)"}
+LINKS = {"detok": "cpu-fmnist", "ae": "cpu-fmnist-ae"}
 
 
 def _fmt_table(rows, headers) -> str:
@@ -26,63 +29,100 @@ def _fmt_table(rows, headers) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def run_main_job(out, steps: Optional[int] = None, n_eval: int = 500, n_fid: int = 250,
-                 figures_dir="figures") -> dict:
-    from .config import resolve_tokenizer_config
+def headline_table(rows: List[dict]) -> str:
+    """The compact table ``make run`` prints: one line per (budget, generator, variant), seeds averaged."""
+    def num(r, k, fmt):
+        v = r.get(k)
+        return "n/a" if v in (None, "") else format(float(v), fmt)
+
+    cols = [("PSNR", "psnr", ".2f"), ("PSNR t=0.5", "psnr_t0.5", ".2f"),
+            ("rFID", "fd_recon_real[inception]", ".1f"), ("gFID", "fd_gen_real[inception]", ".1f"),
+            ("KID", "kid_gen_real[inception]", ".4f"), ("FD(samples, recon)", "fd_gen_recon[inception]", ".1f"),
+            ("FD-clf(samples, real)", "fd_gen_real[classifier]", ".1f"),
+            ("FD-clf(samples, recon)", "fd_gen_recon[classifier]", ".1f"), ("gen loss", "generator_loss", ".3f")]
+    cols = [c for c in cols if any(r.get(c[1]) is not None for r in rows)]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
+    out = []
+    for (ts, gs, fam, v), rs in groups.items():
+        mean = {k: (sum(float(r[k]) for r in rs) / len(rs) if all(r.get(k) is not None for r in rs) else None)
+                for _, k, _ in cols}
+        out.append([LABELS.get(v, v), f"{ts}/{gs}", fam] + [num(mean, k, f) for _, k, f in cols])
+    return _fmt_table(out, ["tokenizer", "steps tok/gen", "generator"] + [c[0] for c in cols])
+
+
+def _link(target: Path, link: Path) -> None:
+    """``link`` -> ``target`` (relative); an existing real folder of that name is left alone, and said so."""
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        print(f"note: {link} exists and is not a link made by this job; left as it is")
+        return
+    link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: str = "auto") -> List[dict]:
+    from .reproduce import REPRODUCE_PRESETS, reproduce
     from .data import build_dataset
-    from .engine.tokenizer_trainer import train_tokenizer
-    from .eval.tokenizer import evaluate_tokenizer_run
     from .tokenizers import load_tokenizer
     from .viz import plot_corruption_sweeps, save_grid
 
-    out = Path(out)
-    figures = Path(figures_dir)
+    out, figures = Path(out), Path(figures_dir)
     t0 = time.time()
-    runs, results = {}, {}
-    for i, (label, preset) in enumerate(MAIN_VARIANTS.items()):
-        overrides = {"max_steps": steps} if steps else {}
-        cfg = resolve_tokenizer_config(preset, overrides)
-        run = out / preset
-        runs[label] = run
-        print(f"[{time.time() - t0:6.0f}s] stage {i + 1}/{len(MAIN_VARIANTS)}: train {label} "
-              f"({preset}, {cfg.max_steps} steps) -> {run}", flush=True)
-        train_tokenizer(cfg, run)
-    for label, run in runs.items():
-        print(f"[{time.time() - t0:6.0f}s] evaluate {label} (n={n_eval}; rFID on the first {n_fid})", flush=True)
-        ev = evaluate_tokenizer_run(run, n=n_eval, noise_levels=NOISE_LEVELS, rfid=False, verbose=False)
-        fid = evaluate_tokenizer_run(run, n=n_fid, rfid=True, verbose=False)
-        results[label] = {"recon": ev, "rfid": fid["clean"]["rfid"]}
+    rows = reproduce(preset, out, device=device, figures_dir=figures)
 
-    # ---- figures ------------------------------------------------------------------------------
-    toks = {label: load_tokenizer(run).eval() for label, run in runs.items()}
-    test = build_dataset("fashion_mnist", split="test", image_size=32, channels=3)
-    x, _ = test.tensor_batch(list(range(0, 1000, 100)))
+    # ---- figures from the largest budget's tokenizers and samples (first seed) ----------------
+    P = REPRODUCE_PRESETS[preset]
+    tok_steps, gen_steps = P.budgets[-1]
+    seed = P.seeds[0]
+    runs = {v: out / "tokenizers" / f"{v}_s{seed}_t{tok_steps}" for v in ("detok", "ae") if v in P.variants}
+    for v, run in runs.items():
+        _link(run, out / LINKS[v])
+    toks = {LABELS[v]: load_tokenizer(run).eval() for v, run in runs.items()}
+    cfg = json.loads((next(iter(runs.values())) / "tokenizer" / "tokenizer.json").read_text())["train_config"]
+    test = build_dataset(cfg["dataset"], split=cfg["eval_split"], image_size=cfg["image_size"],
+                         channels=cfg["in_channels"], root=cfg.get("data_root"))
+    x, _ = test.tensor_batch([i * min(1000, len(test)) // 10 for i in range(10)])  # test images 0, 100, ..., 900
     with torch.no_grad():
         grid = torch.cat([x] + [t.reconstruct(x) for t in toks.values()])
     save_grid(grid, figures / "fmnist_reconstructions.png", nrow=len(x))
     plot_corruption_sweeps(toks, x[:2], figures / "fmnist_corruption_sweep.png",
                            title="Fashion-MNIST: latents corrupted (interpolative, γ=3) or masked, then decoded")
+    _samples_figure({LABELS[v]: out / "samples" / f"{P.generators[0]}_{v}_s{seed}_t{tok_steps}_g{gen_steps}.png"
+                     for v in runs}, figures / "fmnist_samples.png", f"{P.generators[0]} samples (cfg {P.cfg})")
 
-    # ---- table --------------------------------------------------------------------------------
-    headers = ["tokenizer", "steps", f"PSNR clean (n={n_eval})", "SSIM clean", f"rFID (n={n_fid})"] + \
-              [f"PSNR t={t}" for t in NOISE_LEVELS]
-    rows = []
-    for label, r in results.items():
-        ev = r["recon"]
-        step = json.loads((runs[label] / "tokenizer" / "tokenizer.json").read_text())["step"]
-        psnr = lambda key: ev[key]["psnr"]["value"]  # noqa: E731
-        rows.append([label, step, f"{psnr('clean'):.2f}", f"{ev['clean']['ssim']['value']:.3f}",
-                     f"{r['rfid']['value']:.1f}"] + [f"{psnr(f't={t:g}'):.2f}" for t in NOISE_LEVELS])
-    table = _fmt_table(rows, headers)
-    note = ("PSNR/SSIM on the first images of the Fashion-MNIST test split (32 px, [0,1]); t: interpolative "
-            "noise (1-t)z + t·3·ε on the raw latents before decoding; rFID: Inception pool3 features "
-            "(offline FID-Inception) of reconstructions vs the same real images; EMA weights.")
-    summary = out / "summary.md"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(f"{table}\n\n{note}\n")
-    (out / "summary.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=2, default=str))
-    print(f"\n[{time.time() - t0:6.0f}s] done. Figures: {figures / 'fmnist_reconstructions.png'}, "
-          f"{figures / 'fmnist_corruption_sweep.png'}\n")
+    table = headline_table(rows)
+    r0 = rows[0]
+    note = (f"PSNR: clean reconstructions of the first {r0.get('n_recon', r0['n'])} test images; PSNR t=0.5: raw "
+            "latents corrupted by 0.5·z + 1.5·ε before decoding; rFID/gFID/KID/FD(samples, recon): FID-Inception "
+            f"features of the first {r0.get('n[inception]', '?')} images of each set (KID as raw MMD²); ")
+    if "n[classifier]" in r0:
+        note += (f"FD-clf: the same distances in a Fashion-MNIST classifier's 128-d feature space on "
+                 f"{r0['n[classifier]']} images; ")
+    note += f"gen loss: the generator's smoothed final training loss. Full table: {out / 'results.md'}"
+    (out / "summary.md").write_text(f"{table}\n\n{note}\n")
+    print(f"\n[{(time.time() - t0) / 60:.1f} min] main job done. Figures: {figures / 'fmnist_reconstructions.png'}, "
+          f"{figures / 'fmnist_corruption_sweep.png'}, {figures / 'fmnist_samples.png'}\n")
     print(table)
     print("\n" + note)
-    return results
+    return rows
+
+
+def _samples_figure(grids: Dict[str, Path], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 4.0), squeeze=False)
+    for ax, (label, p) in zip(axes[0], grids.items()):
+        ax.imshow(Image.open(p))
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -102,22 +102,48 @@ def _save(path: Path, obj) -> dict:
 
 
 class _Progress:
-    """One line per stage with elapsed time and an estimate of the time left (mean stage time so far)."""
+    """One line per stage with elapsed time and an estimate of the time left.
 
-    def __init__(self, total: int):
-        self.total, self.done, self.t0, self.spent = total, 0, time.time(), []
+    Stages have a kind (tokenizer training, generator training, evaluation) and a size (steps, or
+    images); the estimate charges each remaining stage the measured seconds per unit of its kind,
+    falling back to the overall rate while a kind has not been timed yet."""
+
+    def __init__(self, plan: Sequence[Tuple[str, float]]):
+        self.plan = list(plan)
+        self.done, self.t0 = 0, time.time()
+        self.spent: Dict[str, List[float]] = {}  # kind -> [seconds, units]
+
+    def _rate(self, kind: str) -> Optional[float]:
+        if kind in self.spent and self.spent[kind][1] > 0:
+            return self.spent[kind][0] / self.spent[kind][1]
+        return None
+
+    def left(self) -> Optional[float]:
+        total, fallback = 0.0, None
+        timed = [v for v in self.spent.values() if v[1] > 0]
+        if timed:
+            fallback = sum(v[0] for v in timed) / sum(v[1] for v in timed)
+        for kind, units in self.plan[self.done:]:
+            rate = self._rate(kind) if self._rate(kind) is not None else fallback
+            if rate is None:
+                return None
+            total += rate * units
+        return total
 
     def stage(self, msg: str):
         el = time.time() - self.t0
-        left = (self.total - self.done) * (np.mean(self.spent) if self.spent else float("nan"))
-        eta = "?" if math.isnan(left) else f"{left / 60:.1f} min"
-        print(f"[{el / 60:6.1f} min | stage {self.done + 1}/{self.total} | ~{eta} left] {msg}", flush=True)
+        left = self.left()
+        eta = "?" if left is None else f"{left / 60:.1f} min"
+        print(f"[{el / 60:6.1f} min | stage {self.done + 1}/{len(self.plan)} | ~{eta} left] {msg}", flush=True)
         return time.time()
 
     def end(self, t_start: float, skipped: bool = False):
+        kind, units = self.plan[self.done]
         self.done += 1
         if not skipped:
-            self.spent.append(time.time() - t_start)
+            acc = self.spent.setdefault(kind, [0.0, 0.0])
+            acc[0] += time.time() - t_start
+            acc[1] += units
 
 
 def _extractors(names, device):
@@ -208,8 +234,12 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     budgets = [tuple(b) for b in (budgets or P.budgets)]
     out = Path(out)
     dev = resolve_device(device)
-    n_stages = len(budgets) * len(seeds) * len(variants) * (2 + 2 * len(P.generators))
-    prog = _Progress(n_stages)
+    plan = []
+    for tok_steps, gen_steps in budgets:
+        for _ in range(len(seeds) * len(variants)):
+            plan += [("tokenizer", tok_steps or 1000), ("recon", P.n_eval)]
+            plan += [("generator", gen_steps or 1000), ("sample", P.n_eval)] * len(P.generators)
+    prog = _Progress(plan)
     rows: List[dict] = []
     exts = None
     real_feats: Dict[str, np.ndarray] = {}
@@ -353,26 +383,34 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
 
 
 def _plot_budget(groups, metrics, preset, figures: Path) -> None:
+    """Each metric against the budget (tokenizer + generator steps, log axis), one line per variant, the
+    seeds' mean with their standard deviation as error bars; one figure per generator family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figures.mkdir(parents=True, exist_ok=True)
-    fams = sorted({k[2] for k in groups})
-    for fam in fams:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
-        for ax, m in zip(axes[0], metrics):
-            for v in sorted({k[3] for k in groups}):
-                pts = sorted((k[0] + k[1], [float(r[m]) for r in rs if r.get(m) is not None])
+    ncols = min(4, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    for fam in sorted({k[2] for k in groups}):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.7 * nrows), squeeze=False)
+        for ax, m in zip(axes.flat, metrics):
+            for v in [v for v in PAPER_VARIANTS if any(k[3] == v for k in groups)]:
+                pts = sorted((k[0] + k[1], [float(r[m]) for r in rs if r.get(m) not in (None, "")])
                              for k, rs in groups.items() if k[2] == fam and k[3] == v)
                 pts = [(b, vals) for b, vals in pts if vals]
                 if pts:
                     ax.errorbar([b for b, _ in pts], [np.mean(x) for _, x in pts], yerr=[np.std(x) for _, x in pts],
-                                marker="o", label=PAPER_VARIANTS.get(v, v), capsize=2)
+                                marker="o", ms=3, label=PAPER_VARIANTS[v], capsize=2)
             ax.set_title(m, fontsize=8)
+            ax.set_xscale("log")
+            ax.tick_params(labelsize=7)
             ax.set_xlabel("tokenizer + generator steps", fontsize=7)
-        axes[0][0].legend(fontsize=6)
+        for ax in list(axes.flat)[len(metrics):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=6)
+        fig.suptitle(f"ldetok reproduce --preset {preset}: {fam}", fontsize=9)
         fig.tight_layout()
         fig.savefig(figures / f"reproduce_{preset}_{fam}.png", dpi=110)
         plt.close(fig)

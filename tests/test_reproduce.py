@@ -79,3 +79,51 @@ def test_corrupted_psnr_reference():
         eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
         ref = R._quantize(tok.decode(0.5 * z + 0.5 * 3.0 * eps).clamp(-1, 1))
     assert out["psnr_t0.5"] == pytest.approx(psnr(x, ref)[0], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_main_job_tiny(tmp_path, capsys):
+    """`ldetok main` (the job of `make run`) on the tiny preset: the reproduction, the links the notebooks
+    and the demo use, the three figures, and the headline table printed at the end."""
+    out, figs = tmp_path / "main", tmp_path / "figs"
+    assert cli(["main", "--preset", "tiny", "--out", str(out), "--figures", str(figs)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("fmnist_reconstructions.png", "fmnist_corruption_sweep.png", "fmnist_samples.png"):
+        assert (figs / name).stat().st_size > 1000, name
+    assert (out / "cpu-fmnist").is_symlink() and (out / "cpu-fmnist-ae").is_symlink()
+    assert (out / "cpu-fmnist").resolve() == (out / "tokenizers" / "detok_s0_t3").resolve()
+    assert (out / "cpu-fmnist-ae" / "tokenizer" / "tokenizer.json").exists()
+    table = printed[printed.index("| tokenizer"):]
+    assert "l-DeTok (γ=3, M=0.7)" in table and "AE (γ=0, M=0)" in table and "gFID" in table
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    detok = [r for r in rows if r["variant"] == "detok" and r["tok_steps"] == "3"][0]
+    assert f"{float(detok['fd_gen_real[inception]']):.1f}" in table  # the table prints the measured number
+    assert (out / "summary.md").read_text().startswith("| tokenizer")
+
+
+def test_headline_table_averages_seeds():
+    from ldetok.main_job import headline_table
+
+    rows = [{"tok_steps": 1, "gen_steps": 2, "generator": "sit", "variant": "ae", "psnr": p, "generator_loss": 1.0,
+             "fd_gen_real[inception]": None} for p in (20.0, 22.0)]
+    t = headline_table(rows)
+    assert "21.00" in t and "gFID" not in t and "AE (γ=0, M=0)" in t
+
+
+def test_progress_estimate_charges_each_kind_its_measured_rate(monkeypatch, capsys):
+    clock = [0.0]
+    monkeypatch.setattr(R.time, "time", lambda: clock[0])
+    p = R._Progress([("tokenizer", 100), ("recon", 10), ("tokenizer", 200), ("recon", 10)])
+    assert p.left() is None  # nothing timed yet: no estimate
+    t = p.stage("tok a")
+    clock[0] += 50.0  # 0.5 s per tokenizer step
+    p.end(t)
+    assert p.left() == pytest.approx(0.5 * (10 + 200 + 10))  # recon not timed yet: the overall rate
+    t = p.stage("recon a")
+    clock[0] += 20.0  # 2 s per image
+    p.end(t)
+    assert p.left() == pytest.approx(0.5 * 200 + 2.0 * 10)
+    t = p.stage("tok b")
+    p.end(t, skipped=True)  # a reused stage costs nothing and does not change the rates
+    assert p.left() == pytest.approx(2.0 * 10)
+    assert "stage 3/4" in capsys.readouterr().out
