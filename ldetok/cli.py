@@ -102,9 +102,13 @@ def cmd_reproduce(args) -> int:
     variants = args.variants.split(",") if args.variants else None
     from .reproduce import parse_budgets
 
+    from .config import GeneratorTrainConfig, TokenizerTrainConfig, parse_overrides
+
     budgets = parse_budgets(args.budgets) if args.budgets else None
+    tok_over = parse_overrides(TokenizerTrainConfig, args.tok)  # checked before any work starts
+    gen_over = parse_overrides(GeneratorTrainConfig, args.gen)
     reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures,
-              budgets=budgets)
+              budgets=budgets, tok_overrides=tok_over, gen_overrides=gen_over)
     return 0
 
 
@@ -181,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="", help="override the preset's seeds, e.g. 0,1,2")
     s.add_argument("--variants", default="", help="override the variants: ae,mask,noise,detok")
     s.add_argument("--budgets", default="", help="override the budgets, TOKENIZER:GENERATOR steps, e.g. 500:750,1000:1500")
+    s.add_argument("--tok", action="append", default=[], metavar="KEY=VALUE",
+                   help="a tokenizer config override for every variant, e.g. --tok data_root=/data/imagenet (repeatable)")
+    s.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
+                   help="a generator config override, e.g. --gen batch_size=256 (repeatable)")
     s.add_argument("--device", default="auto")
     s.add_argument("--figures", default="figures")
     s.set_defaults(fn=cmd_reproduce)

@@ -108,8 +108,8 @@ class _Progress:
     images); the estimate charges each remaining stage the measured seconds per unit of its kind,
     falling back to the overall rate while a kind has not been timed yet."""
 
-    def __init__(self, plan: Sequence[Tuple[str, float]]):
-        self.plan = list(plan)
+    def __init__(self, plan: Sequence[Tuple[str, float]], verbose: bool = True):
+        self.plan, self.verbose = list(plan), verbose
         self.done, self.t0 = 0, time.time()
         self.spent: Dict[str, List[float]] = {}  # kind -> [seconds, units]
 
@@ -134,7 +134,8 @@ class _Progress:
         el = time.time() - self.t0
         left = self.left()
         eta = "?" if left is None else f"{left / 60:.1f} min"
-        print(f"[{el / 60:6.1f} min | stage {self.done + 1}/{len(self.plan)} | ~{eta} left] {msg}", flush=True)
+        if self.verbose:
+            print(f"[{el / 60:6.1f} min | stage {self.done + 1}/{len(self.plan)} | ~{eta} left] {msg}", flush=True)
         return time.time()
 
     def end(self, t_start: float, skipped: bool = False):
@@ -146,13 +147,17 @@ class _Progress:
             acc[1] += units
 
 
-def _extractors(names, device):
+def _extractors(names, device, warm: bool = False):
+    """The feature extractors by name; ``warm`` loads their weights now (training the classifier or
+    converting the Inception weights on first use, into the shared caches)."""
     from .eval.classifier import ClassifierFeatures
     from .eval.fid import InceptionFeatures
 
     out = {}
     for name in names:
         out[name] = InceptionFeatures(device=device) if name == "inception" else ClassifierFeatures(device=device)
+        if warm:
+            out[name].model if name != "inception" else out[name]._load()
     return out
 
 
@@ -191,34 +196,73 @@ def parse_budgets(text: str) -> List[Tuple[int, int]]:
     return out
 
 
+def _image_noise(shape, seed: int, idx: Sequence[int]) -> torch.Tensor:
+    """One ε per image, seeded by (seed, image index): the same for an image whichever rank renders it."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+                        for i in idx])
+
+
 @torch.no_grad()
-def _corrupted_psnr(tok, x: torch.Tensor, levels: Sequence[float], seed: int, dev) -> Dict[str, float]:
-    """PSNR of decodes of the raw latents corrupted by (1-t)·z + t·3·ε at each t (one ε per image, seeded)."""
+def _corrupted_psnr(tok, x: torch.Tensor, levels: Sequence[float], seed: int, dev,
+                    idx: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+    """Per-image PSNR of decodes of the raw latents corrupted by (1-t)·z + t·3·ε at each t; ``idx`` are the
+    images' indices in the evaluation set (their ε is seeded by it; default 0..len(x)-1)."""
     from .corruption import interpolative_noise
     from .eval.recon import psnr
 
+    idx = list(range(len(x))) if idx is None else list(idx)
     out = {}
     for t in levels:
-        g = torch.Generator().manual_seed(seed)
         rec = []
-        for b in x.split(200):
-            z = tok.encode(b.to(dev))
-            eps = torch.randn(z.shape, generator=g).to(z)
+        for lo in range(0, len(x), 200):
+            z = tok.encode(x[lo:lo + 200].to(dev))
+            eps = _image_noise(z.shape[1:], seed, idx[lo:lo + 200]).to(z)
             rec.append(tok.decode(interpolative_noise(z, float(t), 3.0, noise=eps)).clamp(-1, 1).cpu())
-        out[f"psnr_t{t:g}"] = psnr(x, _quantize(torch.cat(rec)))[0]
+        out[f"psnr_t{t:g}"] = psnr(x, _quantize(torch.cat(rec)))[1]
+    return out
+
+
+def _local_features(exts, images: torch.Tensor, idx: Sequence[int], n_space) -> Dict[str, tuple]:
+    """This rank's features per space: (indices, features) of its images whose index is below the
+    space's sample count."""
+    out = {}
+    for k, e in exts.items():
+        lim = n_space(k)
+        keep = [j for j, i in enumerate(idx) if lim is None or i < lim]
+        out[k] = ([idx[j] for j in keep], _features(e, images[keep]) if keep else None)
+    return out
+
+
+def _gather(local: Dict[str, tuple]) -> Dict[str, np.ndarray]:
+    """Every rank's (indices, values) per key, joined in index order (one process: the values as given)."""
+    from .engine.distributed import gather_objects
+
+    parts = gather_objects(local)
+    out = {}
+    for k in local:
+        pairs = [(np.asarray(p[k][0], dtype=np.int64), np.asarray(p[k][1])) for p in parts if p[k][1] is not None]
+        if not pairs:
+            raise ValueError(f"no values for {k!r} on any rank")
+        idx = np.concatenate([a for a, _ in pairs])
+        vals = np.concatenate([v for _, v in pairs])
+        out[k] = vals[np.argsort(idx, kind="stable")]
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants: Optional[Sequence[str]] = None,
-              device: str = "auto", figures_dir="figures",
-              budgets: Optional[Sequence[Tuple[int, int]]] = None) -> List[dict]:
+              device: str = "auto", figures_dir="figures", budgets: Optional[Sequence[Tuple[int, int]]] = None,
+              tok_overrides: Optional[Dict] = None, gen_overrides: Optional[Dict] = None) -> List[dict]:
+    """Run (or resume) a reproduction; see the module docstring. Under torchrun every rank trains (DDP)
+    and evaluates its share of the images (image i on rank i mod world size; sample chunks seeded by
+    seed and rank), rank 0 decides which stages are done and writes every file."""
     from .config import resolve_generator_config, resolve_tokenizer_config
     from .data import build_dataset
-    from .engine.distributed import resolve_device
+    from .engine.distributed import barrier, broadcast_object, cleanup, init_distributed, is_distributed
     from .engine.generator_trainer import load_generator_run, train_generator
     from .engine.stats import fetch_batch
     from .engine.tokenizer_trainer import train_tokenizer
+    from .eval.recon import psnr, ssim
     from .sampling import generate_images
     from .tokenizers import load_tokenizer
     from .viz import save_grid
@@ -232,108 +276,142 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(PAPER_VARIANTS)}")
     budgets = [tuple(b) for b in (budgets or P.budgets)]
+    tok_over = {**P.tok_overrides, **(tok_overrides or {})}
+    gen_over = {**P.gen_overrides, **(gen_overrides or {})}
     out = Path(out)
-    dev = resolve_device(device)
+    owns_group = not is_distributed()
+    D = init_distributed(device)
+    dev, main = D.device, D.is_main
+    say = print if main else (lambda *a, **k: None)
     plan = []
     for tok_steps, gen_steps in budgets:
         for _ in range(len(seeds) * len(variants)):
             plan += [("tokenizer", tok_steps or 1000), ("recon", P.n_eval)]
             plan += [("generator", gen_steps or 1000), ("sample", P.n_eval)] * len(P.generators)
-    prog = _Progress(plan)
+    prog = _Progress(plan, verbose=main)
     rows: List[dict] = []
     exts = None
     real_feats: Dict[str, np.ndarray] = {}
     n_space = lambda k: P.n_inception if k == "inception" else None  # noqa: E731
 
-    for tok_steps, gen_steps in budgets:
-        for seed in seeds:
-            for v in variants:
-                tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
-                tag = f"{v}_s{seed}_t{tok_steps}"
-                tok_dir = out / "tokenizers" / tag
-                # ---- tokenizer ------------------------------------------------------------------
-                over = dict(P.tok_overrides, seed=seed)
-                if tok_steps:
-                    over["max_steps"] = tok_steps
-                t = prog.stage(f"tokenizer {PAPER_VARIANTS[v]} seed {seed} ({tok_steps or 'preset'} steps)")
-                meta = tok_dir / "tokenizer" / "tokenizer.json"
-                skipped = meta.exists() and (not tok_steps or json.loads(meta.read_text())["step"] == tok_steps)
-                if not skipped:
-                    train_tokenizer(resolve_tokenizer_config(tpreset, over), tok_dir)
-                prog.end(t, skipped)
+    def save(path: Path, obj) -> None:
+        if main:
+            _save(path, obj)
+        barrier()
 
-                # ---- reconstruction ceiling and robustness ------------------------------------
-                t = prog.stage(f"reconstruction metrics {tag}")
-                rec_path = out / "eval" / f"recon_{tag}.json"
-                rec = _done(rec_path)
-                gen_evals = {fam: out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json" for fam in P.generators}
-                need_feats = rec is None or any(not p.exists() for p in gen_evals.values())
-                recon_feats: Dict[str, np.ndarray] = {}
-                n = P.n_eval
-                if need_feats:
-                    tok = load_tokenizer(tok_dir).to(dev).eval()
-                    cfg_t = json.loads(meta.read_text())["train_config"]
-                    test = build_dataset(cfg_t["dataset"], split=cfg_t["eval_split"], image_size=cfg_t["image_size"],
-                                         channels=cfg_t["in_channels"], root=cfg_t.get("data_root"))
-                    n = min(P.n_eval, len(test))
-                    x_real, _ = fetch_batch(test, list(range(n)))
-                    if exts is None:
-                        exts = _extractors(P.features, dev)
-                        for name, ext in exts.items():
-                            real_feats[name] = _features(ext, x_real, n_space(name))
-                    with torch.no_grad():
-                        x_rec = _quantize(torch.cat([tok.reconstruct(b.to(dev)).cpu() for b in x_real.split(200)]))
-                    recon_feats = {k: _features(e, x_rec, n_space(k)) for k, e in exts.items()}
-                if rec is None:
-                    from .eval.recon import psnr, ssim
+    def done(path: Path) -> Optional[dict]:  # rank 0 decides, so every rank takes the same branch
+        return broadcast_object(_done(path) if main else None)
 
-                    rec = {"n_recon": n, "psnr": psnr(x_real, x_rec)[0], "ssim": ssim(x_real, x_rec)[0],
-                           **_corrupted_psnr(tok, x_real, P.noise_levels, seed, dev)}
-                    for k in exts:
-                        rec[f"fd_recon_real[{k}]"] = _fd(recon_feats[k], real_feats[k])
-                    _save(rec_path, rec)
-                    prog.end(t)
-                else:
-                    prog.end(t, skipped=True)
+    def finished(meta: Path, steps: int) -> bool:
+        ok = meta.exists() and (not steps or json.loads(meta.read_text())["step"] == steps) if main else None
+        return bool(broadcast_object(ok))
 
-                # ---- generators -----------------------------------------------------------------
-                for fam in P.generators:
-                    gtag = f"{fam}_{tag}_g{gen_steps}"
-                    gdir = out / "generators" / gtag
-                    t = prog.stage(f"generator {fam} on {tag} ({gen_steps or 'preset'} steps)")
-                    gmeta = gdir / "generator" / "generator.json"
-                    skipped = gmeta.exists() and (not gen_steps or json.loads(gmeta.read_text())["step"] == gen_steps)
+    try:
+        for tok_steps, gen_steps in budgets:
+            for seed in seeds:
+                for v in variants:
+                    tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
+                    tag = f"{v}_s{seed}_t{tok_steps}"
+                    tok_dir = out / "tokenizers" / tag
+                    # ---- tokenizer --------------------------------------------------------------
+                    over = dict(tok_over, seed=seed)
+                    if tok_steps:
+                        over["max_steps"] = tok_steps
+                    t = prog.stage(f"tokenizer {PAPER_VARIANTS[v]} seed {seed} ({tok_steps or 'preset'} steps)")
+                    meta = tok_dir / "tokenizer" / "tokenizer.json"
+                    skipped = finished(meta, tok_steps)
                     if not skipped:
-                        gover = dict(P.gen_overrides, tokenizer=str(tok_dir), model=fam, seed=seed,
-                                     sample_cfg=P.cfg, sample_steps=P.sample_steps)
-                        if gen_steps:
-                            gover["max_steps"] = gen_steps
-                        train_generator(resolve_generator_config(P.generator_preset, gover), gdir)
+                        train_tokenizer(resolve_tokenizer_config(tpreset, over), tok_dir)
                     prog.end(t, skipped)
 
-                    t = prog.stage(f"sample {n} and evaluate {gtag}")
-                    ev = _done(gen_evals[fam])
-                    if ev is None:
-                        gen, gtok, gm = load_generator_run(gdir, dev)
-                        imgs, labels = generate_images(gen, gtok, n, cfg=P.cfg, steps=P.sample_steps, seed=seed)
-                        imgs = _quantize(imgs)
-                        ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": P.cfg, "n": n,
-                              "sample_steps": P.sample_steps}
-                        for k, e in exts.items():
-                            f = _features(e, imgs, n_space(k))
-                            ev[f"n[{k}]"] = len(f)
-                            ev[f"fd_gen_real[{k}]"] = _fd(f, real_feats[k])
-                            ev[f"kid_gen_real[{k}]"] = _kid(f, real_feats[k])
-                            ev[f"fd_gen_recon[{k}]"] = _fd(f, recon_feats[k])
-                        save_grid(imgs[: min(n, 80)], out / "samples" / f"{gtag}.png", nrow=10)
-                        _save(gen_evals[fam], ev)
+                    # ---- reconstruction ceiling and robustness --------------------------------
+                    t = prog.stage(f"reconstruction metrics {tag}")
+                    rec_path = out / "eval" / f"recon_{tag}.json"
+                    rec = done(rec_path)
+                    gen_evals = {fam: out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json" for fam in P.generators}
+                    need_feats = bool(broadcast_object(rec is None or any(not q.exists() for q in gen_evals.values())
+                                                       if main else None))
+                    recon_feats: Dict[str, np.ndarray] = {}
+                    n = P.n_eval
+                    if need_feats:
+                        tok = load_tokenizer(tok_dir).to(dev).eval()
+                        cfg_t = json.loads(meta.read_text())["train_config"]
+                        test = build_dataset(cfg_t["dataset"], split=cfg_t["eval_split"],
+                                             image_size=cfg_t["image_size"], channels=cfg_t["in_channels"],
+                                             root=cfg_t.get("data_root"))
+                        n = min(P.n_eval, len(test))
+                        mine = list(range(D.rank, n, D.world_size))
+                        x_real, _ = fetch_batch(test, mine)
+                        if exts is None:  # rank 0 first: it trains/converts and caches the extractors' weights
+                            if main:
+                                exts = _extractors(P.features, dev, warm=True)
+                            barrier()
+                            exts = exts or _extractors(P.features, dev)
+                            real_feats = _gather(_local_features(exts, x_real, mine, n_space))
+                        with torch.no_grad():
+                            x_rec = _quantize(torch.cat([tok.reconstruct(b.to(dev)).cpu()
+                                                         for b in x_real.split(200)]))
+                        recon_feats = _gather(_local_features(exts, x_rec, mine, n_space))
+                    if rec is None:
+                        per = {"psnr": psnr(x_real, x_rec)[1], "ssim": ssim(x_real, x_rec)[1],
+                               **_corrupted_psnr(tok, x_real, P.noise_levels, seed, dev, idx=mine)}
+                        per = _gather({k: (mine, vals.numpy()) for k, vals in per.items()})
+                        rec = {"n_recon": n, **{k: float(vals.mean()) for k, vals in per.items()}}
+                        for k in exts:
+                            rec[f"fd_recon_real[{k}]"] = _fd(recon_feats[k], real_feats[k])
+                        save(rec_path, rec)
                         prog.end(t)
                     else:
                         prog.end(t, skipped=True)
-                    rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
-                                 "gen_steps": gen_steps, **rec, **ev})
-    _write_results(P, preset, rows, out, Path(figures_dir))
-    print(f"[{(time.time() - prog.t0) / 60:6.1f} min] done: {out / 'results.md'}", flush=True)
+
+                    # ---- generators -------------------------------------------------------------
+                    for fam in P.generators:
+                        gtag = f"{fam}_{tag}_g{gen_steps}"
+                        gdir = out / "generators" / gtag
+                        t = prog.stage(f"generator {fam} on {tag} ({gen_steps or 'preset'} steps)")
+                        skipped = finished(gdir / "generator" / "generator.json", gen_steps)
+                        if not skipped:
+                            gover = dict(gen_over, tokenizer=str(tok_dir), model=fam, seed=seed,
+                                         sample_cfg=P.cfg, sample_steps=P.sample_steps)
+                            if gen_steps:
+                                gover["max_steps"] = gen_steps
+                            train_generator(resolve_generator_config(P.generator_preset, gover), gdir)
+                        prog.end(t, skipped)
+
+                        t = prog.stage(f"sample {n} and evaluate {gtag}")
+                        ev = done(gen_evals[fam])
+                        if ev is None:
+                            gen, gtok, gm = load_generator_run(gdir, dev)
+                            mine = list(range(D.rank, n, D.world_size))
+                            labels = [i % gen.num_classes for i in mine] if gen.num_classes else None
+                            imgs, _ = generate_images(gen, gtok, len(mine), cfg=P.cfg, steps=P.sample_steps,
+                                                      seed=seed + 1000 * D.rank, labels=labels)
+                            imgs = _quantize(imgs)
+                            feats = _gather(_local_features(exts, imgs, mine, n_space))
+                            first = [j for j, i in enumerate(mine) if i < 80]
+                            grid = _gather({"grid": (
+                                [mine[j] for j in first], imgs[first].numpy() if first else None)})["grid"]
+                            ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": P.cfg, "n": n,
+                                  "sample_steps": P.sample_steps, "world_size": D.world_size}
+                            for k, f in feats.items():
+                                ev[f"n[{k}]"] = len(f)
+                                ev[f"fd_gen_real[{k}]"] = _fd(f, real_feats[k])
+                                ev[f"kid_gen_real[{k}]"] = _kid(f, real_feats[k])
+                                ev[f"fd_gen_recon[{k}]"] = _fd(f, recon_feats[k])
+                            if main:
+                                save_grid(torch.from_numpy(grid), out / "samples" / f"{gtag}.png", nrow=10)
+                            save(gen_evals[fam], ev)
+                            prog.end(t)
+                        else:
+                            prog.end(t, skipped=True)
+                        rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
+                                     "gen_steps": gen_steps, **rec, **ev})
+        if main:
+            _write_results(P, preset, rows, out, Path(figures_dir))
+        say(f"[{(time.time() - prog.t0) / 60:6.1f} min] done: {out / 'results.md'}", flush=True)
+    finally:
+        if owns_group:
+            cleanup()
     return rows
 
 
@@ -346,7 +424,7 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     metrics = [k for k in keys if k not in ("variant", "generator", "seed", "tok_steps", "gen_steps", "cfg", "n",
-                                            "n_recon", "sample_steps") and not k.startswith("n[")]
+                                            "n_recon", "sample_steps", "world_size") and not k.startswith("n[")]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
         groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)

@@ -4,6 +4,7 @@ call reuses every finished stage."""
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,7 +66,8 @@ def test_quantize_rounds_like_png():
 
 
 def test_corrupted_psnr_reference():
-    """t=0 decodes the clean latents; t>0 equals decoding (1-t)z + 3tε with the seeded ε, computed by hand."""
+    """t=0 decodes the clean latents; t>0 equals decoding (1-t)z + 3tε with each image's seeded ε, computed
+    by hand; an image's ε depends on its index only, not on which other images share its batch."""
     from ldetok.eval.recon import psnr
     from ldetok.tokenizers import build
 
@@ -73,12 +75,57 @@ def test_corrupted_psnr_reference():
     tok = build("detok_TT", image_size=16, patch_size=4, in_channels=1, latent_channels=4).eval()
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     out = R._corrupted_psnr(tok, x, (0.0, 0.5), seed=7, dev="cpu")
-    assert out["psnr_t0"] == pytest.approx(psnr(x, R._quantize(tok.reconstruct(x)))[0], abs=1e-9)
+    assert out["psnr_t0"].shape == (3,)
+    assert torch.allclose(out["psnr_t0"], psnr(x, R._quantize(tok.reconstruct(x)))[1])
     with torch.no_grad():
         z = tok.encode(x)
-        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
+        eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(7 * 1_000_003 + i))
+                           for i in range(3)])
         ref = R._quantize(tok.decode(0.5 * z + 0.5 * 3.0 * eps).clamp(-1, 1))
-    assert out["psnr_t0.5"] == pytest.approx(psnr(x, ref)[0], abs=1e-9)
+    assert torch.allclose(out["psnr_t0.5"], psnr(x, ref)[1])
+    # the last image alone, with its index, gets the same ε and the same PSNR
+    alone = R._corrupted_psnr(tok, x[2:], (0.5,), seed=7, dev="cpu", idx=[2])
+    assert torch.allclose(alone["psnr_t0.5"], out["psnr_t0.5"][2:])
+
+
+def test_gather_joins_rank_shards_in_index_order(monkeypatch):
+    import ldetok.engine.distributed as dist
+
+    a = {"f": ([0, 2, 4], np.array([[0.0], [2.0], [4.0]])), "g": ([0], np.array([10.0]))}
+    b = {"f": ([1, 3], np.array([[1.0], [3.0]])), "g": ([], None)}  # rank 1 holds none of g's first n
+    monkeypatch.setattr(dist, "gather_objects", lambda obj: [a, b])
+    out = R._gather(a)
+    assert out["f"].ravel().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert out["g"].tolist() == [10.0]
+
+
+@pytest.mark.slow
+def test_reproduce_two_process_gloo(tmp_path):
+    """Under torchrun (2 CPU processes, gloo) every rank trains and evaluates its share; the gathered
+    sets have the full sizes and rank 0 writes the results."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "ldetok.cli",
+           "reproduce", "--preset", "tiny", "--variants", "ae", "--budgets", "2:2", "--out", str(out),
+           "--figures", str(tmp_path / "figs")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 1 and rows[0]["world_size"] == "2"
+    assert int(rows[0]["n"]) == 16 and int(rows[0]["n[inception]"]) == 12
+    assert math.isfinite(float(rows[0]["fd_gen_real[inception]"])) and math.isfinite(float(rows[0]["psnr_t0.5"]))
+    assert r.stdout.count("] done:") == 1  # rank 0 reports, rank 1 is quiet
+
+
+def test_reproduce_cli_refuses_bad_override(tmp_path, capsys):
+    assert cli(["reproduce", "--preset", "tiny", "--out", str(tmp_path), "--tok", "no_such_key=1"]) == 2
+    assert "unknown config key 'no_such_key'" in capsys.readouterr().err
+    assert not (tmp_path / "tokenizers").exists()  # refused before any work started
 
 
 @pytest.mark.slow

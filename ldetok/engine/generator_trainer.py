@@ -24,7 +24,7 @@ from ..config import GeneratorTrainConfig
 from ..latents import LatentCache, build_latent_cache
 from .checkpoint import CheckpointManager
 from .common import autocast_ctx, ema_decay_at, gather_rng_states, load_resume_state
-from .distributed import DistInfo, barrier, cleanup, init_distributed, unwrap_model
+from .distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed, unwrap_model
 from .ema import EMA
 from .logging import Progress, RunLogger
 from .optim import build_adamw, lr_at, param_groups, set_lr
@@ -247,8 +247,10 @@ class GeneratorTrainer:
 
 
 def train_generator(cfg: GeneratorTrainConfig, run_dir) -> dict:
+    owns_group = not is_distributed()  # a caller's process group (e.g. ldetok reproduce) outlives the run
     trainer = GeneratorTrainer(cfg, run_dir)
     try:
         return trainer.fit()
     finally:
-        cleanup()
+        if owns_group:
+            cleanup()

@@ -31,7 +31,7 @@ from ..losses import LossConfig, TokenizerLoss
 from ..tokenizers import Tokenizer, build, load_official_detok, load_tokenizer, save_tokenizer
 from .checkpoint import CheckpointManager
 from .common import autocast_ctx, ema_decay_at, gather_rng_states, load_resume_state
-from .distributed import DistInfo, barrier, cleanup, init_distributed, unwrap_model
+from .distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed, unwrap_model
 from .ema import EMA
 from .logging import Progress, RunLogger, image_grid
 from .optim import build_adamw, lr_at, param_groups, scaled_lr, set_lr
@@ -100,6 +100,10 @@ class TokenizerTrainer:
             # With masking on, a step that draws ratio 0 leaves the mask token unused (and each rank
             # draws its own ratio, as the official per-GPU draw), so DDP must look for unused params.
             masking = getattr(getattr(self.model, "cfg", None), "max_mask_ratio", 0.0) > 0
+            if not masking:  # without masking the mask token never gets a gradient: DDP must not wait for it
+                for name, p in self.model.named_parameters():
+                    if name.endswith("mask_token"):
+                        p.requires_grad_(False)
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[d.local_rank] if self.device.type == "cuda" else None,
                 find_unused_parameters=masking)
@@ -252,8 +256,10 @@ class TokenizerTrainer:
 
 def train_tokenizer(cfg: TokenizerTrainConfig, run_dir) -> dict:
     """Train (or resume, or extend) a tokenizer run in ``run_dir``; returns a summary."""
+    owns_group = not is_distributed()  # a caller's process group (e.g. ldetok reproduce) outlives the run
     trainer = TokenizerTrainer(cfg, run_dir)
     try:
         return trainer.fit()
     finally:
-        cleanup()
+        if owns_group:
+            cleanup()
