@@ -5,7 +5,8 @@
   ldetok train-generator --preset cpu-fmnist --tokenizer runs/tok --out runs/gen model=sit_tiny
   ldetok sample runs/gen --n 64 --cfg 1.5 --out samples/
   ldetok presets
-  ldetok main --out runs/main          (the job behind `make run`)
+  ldetok reproduce --preset cpu-quick --out runs/repro   (the corruption ablation end to end)
+  ldetok main --out runs/main          (the job behind `make run`: reproduce cpu-quick + figures + table)
 
 Every config field can be overridden as ``key=value``; unknown keys and badly typed values are refused
 before any work starts. Multi-GPU: ``torchrun --nproc_per_node 8 -m ldetok.cli train-tokenizer ...``.
