@@ -52,6 +52,12 @@ class ReproducePreset:
     # there (KID, unbiased, is the metric to read at such counts; FID at small n is biased upwards).
     n_inception: Optional[int] = None
     noise_levels: Sequence[float] = (0.3, 0.5, 0.7)
+    # the decoder fine-tuning stage after each tokenizer (encoder frozen, no corruption; the released
+    # `-decoder_tuned` recipe): steps, 0 for none. Generators then train on the fine-tuned tokenizer
+    # (same latents: only the decoder changes). Its preset, when given, replaces the base preset with
+    # `stage=decoder_ft` (e.g. detok_BB-imagenet256-decoder_ft).
+    decoder_ft_steps: int = 0
+    decoder_ft_preset: Optional[str] = None
     cfg: float = 1.5
     sample_steps: Optional[int] = None
     tok_overrides: Dict = field(default_factory=dict)
@@ -252,7 +258,8 @@ def _gather(local: Dict[str, tuple]) -> Dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants: Optional[Sequence[str]] = None,
               device: str = "auto", figures_dir="figures", budgets: Optional[Sequence[Tuple[int, int]]] = None,
-              tok_overrides: Optional[Dict] = None, gen_overrides: Optional[Dict] = None) -> List[dict]:
+              tok_overrides: Optional[Dict] = None, gen_overrides: Optional[Dict] = None,
+              decoder_ft_steps: Optional[int] = None) -> List[dict]:
     """Run (or resume) a reproduction; see the module docstring. Under torchrun every rank trains (DDP)
     and evaluates its share of the images (image i on rank i mod world size; sample chunks seeded by
     seed and rank), rank 0 decides which stages are done and writes every file."""
@@ -276,6 +283,7 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(PAPER_VARIANTS)}")
     budgets = [tuple(b) for b in (budgets or P.budgets)]
+    ft_steps = P.decoder_ft_steps if decoder_ft_steps is None else int(decoder_ft_steps)
     tok_over = {**P.tok_overrides, **(tok_overrides or {})}
     gen_over = {**P.gen_overrides, **(gen_overrides or {})}
     out = Path(out)
@@ -286,7 +294,8 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     plan = []
     for tok_steps, gen_steps in budgets:
         for _ in range(len(seeds) * len(variants)):
-            plan += [("tokenizer", tok_steps or 1000), ("recon", P.n_eval)]
+            plan += [("tokenizer", tok_steps or 1000)] + ([("tokenizer", ft_steps)] if ft_steps else [])
+            plan += [("recon", P.n_eval)]
             plan += [("generator", gen_steps or 1000), ("sample", P.n_eval)] * len(P.generators)
     prog = _Progress(plan, verbose=main)
     rows: List[dict] = []
@@ -323,6 +332,16 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
                     if not skipped:
                         train_tokenizer(resolve_tokenizer_config(tpreset, over), tok_dir)
                     prog.end(t, skipped)
+                    if ft_steps:  # ---- decoder fine-tuning: encoder frozen, clean latents ----------------
+                        base_dir, tag = tok_dir, f"{tag}_ft{ft_steps}"
+                        tok_dir = out / "tokenizers" / tag
+                        t = prog.stage(f"decoder fine-tuning {tag} ({ft_steps} steps)")
+                        meta = tok_dir / "tokenizer" / "tokenizer.json"
+                        skipped = finished(meta, ft_steps)
+                        if not skipped:
+                            ft_over = dict(over, stage="decoder_ft", init_from=str(base_dir), max_steps=ft_steps)
+                            train_tokenizer(resolve_tokenizer_config(P.decoder_ft_preset or tpreset, ft_over), tok_dir)
+                        prog.end(t, skipped)
 
                     # ---- reconstruction ceiling and robustness --------------------------------
                     t = prog.stage(f"reconstruction metrics {tag}")
@@ -405,6 +424,7 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
                         else:
                             prog.end(t, skipped=True)
                         rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
+                                     **({"decoder_ft_steps": ft_steps} if ft_steps else {}),
                                      "gen_steps": gen_steps, **rec, **ev})
         if main:
             _write_results(P, preset, rows, out, Path(figures_dir))
@@ -424,7 +444,8 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     metrics = [k for k in keys if k not in ("variant", "generator", "seed", "tok_steps", "gen_steps", "cfg", "n",
-                                            "n_recon", "sample_steps", "world_size") and not k.startswith("n[")]
+                                            "n_recon", "sample_steps", "world_size", "decoder_ft_steps")
+               and not k.startswith("n[")]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
         groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
@@ -432,7 +453,9 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
     lines = [f"# ldetok reproduce --preset {preset}", "",
              f"Test images and class-balanced samples (cfg {rows[0]['cfg']}, EMA weights, "
              f"{rows[0]['sample_steps'] or 'default'} sampler steps), n = {rows[0]['n']} per set; feature spaces "
-             f"({counts or ', '.join(P.features)}); seeds {sorted({r['seed'] for r in rows})}, mean ± std over seeds.",
+             f"({counts or ', '.join(P.features)}); seeds {sorted({r['seed'] for r in rows})}, mean ± std over seeds."
+             + (f" Tokenizers after {rows[0]['decoder_ft_steps']} steps of decoder fine-tuning."
+                if rows[0].get("decoder_ft_steps") else ""),
              "",
              "- `psnr`, `ssim`: clean reconstructions (posterior mean, 8-bit rounded); `psnr_tT`: decodes of raw "
              "latents corrupted by (1-t)·z + t·3·ε.",

@@ -2,6 +2,7 @@
 call reuses every finished stage."""
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -174,3 +175,24 @@ def test_progress_estimate_charges_each_kind_its_measured_rate(monkeypatch, caps
     p.end(t, skipped=True)  # a reused stage costs nothing and does not change the rates
     assert p.left() == pytest.approx(2.0 * 10)
     assert "stage 3/4" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_reproduce_with_decoder_finetuning(tmp_path):
+    """--decoder-ft: each tokenizer gets a decoder-only stage; the generator trains on the fine-tuned
+    tokenizer, whose encoder equals the base one's."""
+    from ldetok.tokenizers import load_tokenizer
+
+    out = tmp_path / "ft"
+    assert cli(["reproduce", "--preset", "tiny", "--variants", "detok", "--budgets", "2:2", "--decoder-ft", "2",
+                "--out", str(out), "--figures", str(tmp_path / "figs")]) == 0
+    base, ft = load_tokenizer(out / "tokenizers" / "detok_s0_t2"), load_tokenizer(out / "tokenizers" / "detok_s0_t2_ft2")
+    enc = [k for k in base.state_dict() if k.startswith("encoder")]
+    dec = [k for k in base.state_dict() if k.startswith("decoder")]
+    assert enc and dec
+    assert all(torch.equal(base.state_dict()[k], ft.state_dict()[k]) for k in enc)
+    assert any(not torch.equal(base.state_dict()[k], ft.state_dict()[k]) for k in dec)
+    gcfg = json.loads((out / "generators" / "sit_detok_s0_t2_ft2_g2" / "config.json").read_text())
+    assert gcfg["tokenizer"].endswith("detok_s0_t2_ft2")
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert rows[0]["decoder_ft_steps"] == "2" and "decoder fine-tuning" in (out / "results.md").read_text()
