@@ -109,7 +109,9 @@ def cmd_reproduce(args) -> int:
     tok_over = parse_overrides(TokenizerTrainConfig, args.tok)  # checked before any work starts
     gen_over = parse_overrides(GeneratorTrainConfig, args.gen)
     reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures,
-              budgets=budgets, tok_overrides=tok_over, gen_overrides=gen_over, decoder_ft_steps=args.decoder_ft)
+              budgets=budgets, tok_overrides=tok_over, gen_overrides=gen_over, decoder_ft_steps=args.decoder_ft,
+              cfg_search=[float(c) for c in args.cfg_search.split(",")] if args.cfg_search else None,
+              n_search=args.n_search)
     return 0
 
 
@@ -188,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budgets", default="", help="override the budgets, TOKENIZER:GENERATOR steps, e.g. 500:750,1000:1500")
     s.add_argument("--decoder-ft", type=int, default=None, metavar="STEPS",
                    help="decoder fine-tuning steps after each tokenizer (default: the preset's; 0: none)")
+    s.add_argument("--cfg-search", default="", help="CFG scales to search before the final evaluation, e.g. 1,1.5,2")
+    s.add_argument("--n-search", type=int, default=None, help="samples per scale in the CFG search")
     s.add_argument("--tok", action="append", default=[], metavar="KEY=VALUE",
                    help="a tokenizer config override for every variant, e.g. --tok data_root=/data/imagenet (repeatable)")
     s.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",

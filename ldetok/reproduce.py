@@ -24,7 +24,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -59,6 +59,10 @@ class ReproducePreset:
     decoder_ft_steps: int = 0
     decoder_ft_preset: Optional[str] = None
     cfg: float = 1.5
+    # a CFG search before the final evaluation: each scale samples n_search images, the one with the
+    # lowest FD to the real images (Inception when measured, else the first space) is used; () for none
+    cfg_search: Sequence[float] = ()
+    n_search: int = 5000
     sample_steps: Optional[int] = None
     tok_overrides: Dict = field(default_factory=dict)
     gen_overrides: Dict = field(default_factory=dict)
@@ -85,6 +89,7 @@ REPRODUCE_PRESETS: Dict[str, ReproducePreset] = {
     "gpu-imagenet-ablation": ReproducePreset(
         "detok_SB-imagenet256-ablation", "paper-100ep", generators=("mar_base", "sit_base"),
         budgets=((0, 0),), n_eval=50000, features=("inception",), cfg=3.0,
+        cfg_search=(2.0, 2.5, 3.0, 3.5, 4.0, 4.5), n_search=5000,
         gen_overrides=dict(model_args='{"diffloss_d": 3}')),
     # for tests: seconds
     "tiny": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
@@ -259,7 +264,8 @@ def _gather(local: Dict[str, tuple]) -> Dict[str, np.ndarray]:
 def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants: Optional[Sequence[str]] = None,
               device: str = "auto", figures_dir="figures", budgets: Optional[Sequence[Tuple[int, int]]] = None,
               tok_overrides: Optional[Dict] = None, gen_overrides: Optional[Dict] = None,
-              decoder_ft_steps: Optional[int] = None) -> List[dict]:
+              decoder_ft_steps: Optional[int] = None, cfg_search: Optional[Sequence[float]] = None,
+              n_search: Optional[int] = None) -> List[dict]:
     """Run (or resume) a reproduction; see the module docstring. Under torchrun every rank trains (DDP)
     and evaluates its share of the images (image i on rank i mod world size; sample chunks seeded by
     seed and rank), rank 0 decides which stages are done and writes every file."""
@@ -277,6 +283,9 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown reproduce preset {preset!r}; available: {', '.join(REPRODUCE_PRESETS)}")
     P = REPRODUCE_PRESETS[preset]
+    if cfg_search is not None or n_search is not None:
+        P = replace(P, cfg_search=tuple(P.cfg_search if cfg_search is None else cfg_search),
+                    n_search=P.n_search if n_search is None else int(n_search))
     seeds = list(seeds if seeds is not None else P.seeds)
     variants = list(variants or P.variants)
     unknown = [v for v in variants if v not in PAPER_VARIANTS]
@@ -401,17 +410,33 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
                         ev = done(gen_evals[fam])
                         if ev is None:
                             gen, gtok, gm = load_generator_run(gdir, dev)
+                            cfg, searched = P.cfg, {}
+                            if P.cfg_search:  # FD of n_search samples per scale, on other seeds than the final ones
+                                space = "inception" if "inception" in exts else next(iter(exts))
+                                ns = min(P.n_search, n)
+                                part = list(range(D.rank, ns, D.world_size))
+                                lab = [i % gen.num_classes for i in part] if gen.num_classes else None
+                                for c in P.cfg_search:
+                                    x, _ = generate_images(gen, gtok, len(part), cfg=c, steps=P.sample_steps,
+                                                           seed=seed + 500 + 1000 * D.rank, labels=lab)
+                                    f = _gather(_local_features({space: exts[space]}, _quantize(x), part,
+                                                                lambda k: None))[space]
+                                    searched[f"{c:g}"] = _fd(f, real_feats[space])
+                                cfg = float(min(searched, key=searched.get))
+                                say(f"  cfg search ({space} FD, {ns} samples): {searched} -> cfg {cfg:g}")
                             mine = list(range(D.rank, n, D.world_size))
                             labels = [i % gen.num_classes for i in mine] if gen.num_classes else None
-                            imgs, _ = generate_images(gen, gtok, len(mine), cfg=P.cfg, steps=P.sample_steps,
+                            imgs, _ = generate_images(gen, gtok, len(mine), cfg=cfg, steps=P.sample_steps,
                                                       seed=seed + 1000 * D.rank, labels=labels)
                             imgs = _quantize(imgs)
                             feats = _gather(_local_features(exts, imgs, mine, n_space))
                             first = [j for j, i in enumerate(mine) if i < 80]
                             grid = _gather({"grid": (
                                 [mine[j] for j in first], imgs[first].numpy() if first else None)})["grid"]
-                            ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": P.cfg, "n": n,
+                            ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": cfg, "n": n,
                                   "sample_steps": P.sample_steps, "world_size": D.world_size}
+                            if searched:
+                                ev["cfg_search"] = json.dumps({"n": min(P.n_search, n), "fd": searched})
                             for k, f in feats.items():
                                 ev[f"n[{k}]"] = len(f)
                                 ev[f"fd_gen_real[{k}]"] = _fd(f, real_feats[k])
@@ -444,14 +469,17 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     metrics = [k for k in keys if k not in ("variant", "generator", "seed", "tok_steps", "gen_steps", "cfg", "n",
-                                            "n_recon", "sample_steps", "world_size", "decoder_ft_steps")
+                                            "n_recon", "sample_steps", "world_size", "decoder_ft_steps",
+                                            "cfg_search")
                and not k.startswith("n[")]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
         groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
+    cfgs = sorted({float(r["cfg"]) for r in rows})
+    cfg_text = f"{cfgs[0]:g}" if len(cfgs) == 1 else "chosen per run by FD search, see results.csv"
     counts = "; ".join(f"{k}: first {rows[0][f'n[{k}]']}" for k in P.features if f"n[{k}]" in rows[0])
     lines = [f"# ldetok reproduce --preset {preset}", "",
-             f"Test images and class-balanced samples (cfg {rows[0]['cfg']}, EMA weights, "
+             f"Test images and class-balanced samples (cfg {cfg_text}, EMA weights, "
              f"{rows[0]['sample_steps'] or 'default'} sampler steps), n = {rows[0]['n']} per set; feature spaces "
              f"({counts or ', '.join(P.features)}); seeds {sorted({r['seed'] for r in rows})}, mean ± std over seeds."
              + (f" Tokenizers after {rows[0]['decoder_ft_steps']} steps of decoder fine-tuning."

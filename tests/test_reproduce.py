@@ -196,3 +196,15 @@ def test_reproduce_with_decoder_finetuning(tmp_path):
     assert gcfg["tokenizer"].endswith("detok_s0_t2_ft2")
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert rows[0]["decoder_ft_steps"] == "2" and "decoder fine-tuning" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_reproduce_cfg_search(tmp_path):
+    """--cfg-search: each scale is scored by FD on n_search samples; the final evaluation uses the best."""
+    out = tmp_path / "cfg"
+    assert cli(["reproduce", "--preset", "tiny", "--variants", "ae", "--budgets", "2:2", "--cfg-search", "1,4",
+                "--n-search", "8", "--out", str(out), "--figures", str(tmp_path / "figs")]) == 0
+    ev = json.loads((out / "eval" / "gen_sit_ae_s0_t2_g2.json").read_text())
+    search = json.loads(ev["cfg_search"])
+    assert search["n"] == 8 and set(search["fd"]) == {"1", "4"}
+    assert ev["cfg"] == float(min(search["fd"], key=search["fd"].get))
