@@ -66,6 +66,7 @@ class ReproducePreset:
     sample_steps: Optional[int] = None
     tok_overrides: Dict = field(default_factory=dict)
     gen_overrides: Dict = field(default_factory=dict)
+    model_args: Dict[str, str] = field(default_factory=dict)  # generator family -> its model_args JSON
 
 
 REPRODUCE_PRESETS: Dict[str, ReproducePreset] = {
@@ -90,7 +91,7 @@ REPRODUCE_PRESETS: Dict[str, ReproducePreset] = {
         "detok_SB-imagenet256-ablation", "paper-100ep", generators=("mar_base", "sit_base"),
         budgets=((0, 0),), n_eval=50000, features=("inception",), cfg=3.0,
         cfg_search=(2.0, 2.5, 3.0, 3.5, 4.0, 4.5), n_search=5000,
-        gen_overrides=dict(model_args='{"diffloss_d": 3}')),
+        model_args={"mar_base": '{"diffloss_d": 3}'}),  # the 100-epoch runs' DiffLoss head: depth 3
     # for tests: seconds
     "tiny": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
                             budgets=((2, 2), (3, 3)), n_eval=16, n_inception=12, features=("inception",), sample_steps=4,
@@ -401,6 +402,8 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
                         if not skipped:
                             gover = dict(gen_over, tokenizer=str(tok_dir), model=fam, seed=seed,
                                          sample_cfg=P.cfg, sample_steps=P.sample_steps)
+                            if fam in P.model_args and "model_args" not in (gen_overrides or {}):
+                                gover["model_args"] = P.model_args[fam]
                             if gen_steps:
                                 gover["max_steps"] = gen_steps
                             train_generator(resolve_generator_config(P.generator_preset, gover), gdir)
@@ -543,7 +546,3 @@ def _plot_budget(groups, metrics, preset, figures: Path) -> None:
         fig.tight_layout()
         fig.savefig(figures / f"reproduce_{preset}_{fam}.png", dpi=110)
         plt.close(fig)
-
-
-def preset_summary() -> str:
-    return "\n".join(f"  {k:24s} {asdict(v)}" for k, v in REPRODUCE_PRESETS.items())

@@ -208,3 +208,42 @@ def test_reproduce_cfg_search(tmp_path):
     search = json.loads(ev["cfg_search"])
     assert search["n"] == 8 and set(search["fd"]) == {"1", "4"}
     assert ev["cfg"] == float(min(search["fd"], key=search["fd"].get))
+
+
+@pytest.mark.parametrize("name", list(R.REPRODUCE_PRESETS))
+def test_every_preset_resolves_and_builds(name):
+    """Each preset's tokenizer variants and generator families resolve to valid configs, and the models
+    they describe can be constructed (on the meta device: no memory, no weights), so a GPU preset cannot
+    fail on a config error hours into a run."""
+    from ldetok.config import resolve_generator_config, resolve_tokenizer_config
+    from ldetok.generators import build_generator
+    from ldetok.tokenizers import build
+
+    P = R.REPRODUCE_PRESETS[name]
+    for v in P.variants:
+        tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
+        tcfg = resolve_tokenizer_config(tpreset, dict(P.tok_overrides, seed=0))
+        with torch.device("meta"):
+            tok = build(tcfg.model, **tcfg.model_overrides())
+        latent_shape = tok.latent_shape(tcfg.image_size)
+        if P.decoder_ft_steps:
+            resolve_tokenizer_config(P.decoder_ft_preset or tpreset,
+                                     dict(P.tok_overrides, stage="decoder_ft", init_from="x", max_steps=1))
+    assert set(P.variants) <= set(R.PAPER_VARIANTS)
+    for fam in P.generators:
+        gover = dict(P.gen_overrides, tokenizer="x", model=fam, seed=0, sample_cfg=P.cfg, sample_steps=P.sample_steps)
+        if fam in P.model_args:
+            gover["model_args"] = P.model_args[fam]
+        gcfg = resolve_generator_config(P.generator_preset, gover)
+        extra = json.loads(gcfg.model_args) if gcfg.model_args else {}
+        with torch.device("meta"):
+            gen = build_generator(gcfg.model, latent_shape=latent_shape, num_classes=10, **extra)
+        assert sum(p.numel() for p in gen.parameters()) > 0
+    assert all(a >= 0 and b >= 0 for a, b in P.budgets) and P.n_eval > 0
+    assert P.n_inception is None or 0 < P.n_inception <= P.n_eval
+
+
+def test_presets_command_lists_reproduce_presets(capsys):
+    assert cli(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in R.REPRODUCE_PRESETS)
