@@ -17,39 +17,11 @@ from typing import Dict, List
 
 import torch
 
+from .reproduce import LABELS, headline_table
+
 __all__ = ["run_main_job", "headline_table"]
 
-LABELS = {"detok": "l-DeTok (γ=3, M=0.7)", "ae": "AE (γ=0, M=0)"}
 LINKS = {"detok": "cpu-fmnist", "ae": "cpu-fmnist-ae"}
-
-
-def _fmt_table(rows, headers) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
-
-
-def headline_table(rows: List[dict]) -> str:
-    """The compact table ``make run`` prints: one line per (budget, generator, variant), seeds averaged."""
-    def num(r, k, fmt):
-        v = r.get(k)
-        return "n/a" if v in (None, "") else format(float(v), fmt)
-
-    cols = [("PSNR", "psnr", ".2f"), ("PSNR t=0.5", "psnr_t0.5", ".2f"),
-            ("rFID", "fd_recon_real[inception]", ".1f"), ("gFID", "fd_gen_real[inception]", ".1f"),
-            ("KID", "kid_gen_real[inception]", ".4f"), ("FD(samples, recon)", "fd_gen_recon[inception]", ".1f"),
-            ("FD-clf(samples, real)", "fd_gen_real[classifier]", ".1f"),
-            ("FD-clf(samples, recon)", "fd_gen_recon[classifier]", ".1f"), ("gen loss", "generator_loss", ".3f")]
-    cols = [c for c in cols if any(r.get(c[1]) is not None for r in rows)]
-    groups: Dict[tuple, List[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
-    out = []
-    for (ts, gs, fam, v), rs in groups.items():
-        mean = {k: (sum(float(r[k]) for r in rs) / len(rs) if all(r.get(k) is not None for r in rs) else None)
-                for _, k, _ in cols}
-        out.append([LABELS.get(v, v), f"{ts}/{gs}", fam] + [num(mean, k, f) for _, k, f in cols])
-    return _fmt_table(out, ["tokenizer", "steps tok/gen", "generator"] + [c[0] for c in cols])
 
 
 def _link(target: Path, link: Path) -> None:

@@ -31,10 +31,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce"]
+__all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce", "headline_table", "parse_budgets"]
 
 PAPER_VARIANTS = {"ae": "γ=0, M=0", "mask": "masking only (M=0.7)", "noise": "noise only (γ=3)",
                   "detok": "noise + masking (l-DeTok)"}
+
+LABELS = {"detok": "l-DeTok (γ=3, M=0.7)", "ae": "AE (γ=0, M=0)", "mask": "masking only (M=0.7)",
+          "noise": "noise only (γ=3)"}
 
 
 @dataclass
@@ -463,6 +466,40 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     return rows
 
 
+def _fmt_table(rows, headers) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def headline_table(rows: List[dict]) -> str:
+    """The compact table ``make run`` prints: one line per (budget, generator, variant); with several
+    seeds, mean ± standard deviation over them."""
+    cols = [("PSNR", "psnr", ".2f"), ("PSNR t=0.5", "psnr_t0.5", ".2f"),
+            ("rFID", "fd_recon_real[inception]", ".1f"), ("gFID", "fd_gen_real[inception]", ".1f"),
+            ("KID", "kid_gen_real[inception]", ".4f"), ("FD(samples, recon)", "fd_gen_recon[inception]", ".1f"),
+            ("FD-clf(samples, real)", "fd_gen_real[classifier]", ".1f"),
+            ("FD-clf(samples, recon)", "fd_gen_recon[classifier]", ".1f"), ("gen loss", "generator_loss", ".3f")]
+    cols = [c for c in cols if any(r.get(c[1]) not in (None, "") for r in rows)]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
+
+    def cell(rs, key, fmt):
+        vals = [float(r[key]) for r in rs if r.get(key) not in (None, "")]
+        if len(vals) < len(rs) or not vals:
+            return "n/a"
+        mean = sum(vals) / len(vals)
+        if len(vals) == 1:
+            return format(mean, fmt)
+        std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+        return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+    out = [[LABELS.get(v, v), f"{ts}/{gs}", fam] + [cell(rs, k, f) for _, k, f in cols]
+           for (ts, gs, fam, v), rs in groups.items()]
+    return _fmt_table(out, ["tokenizer", "steps tok/gen", "generator"] + [c[0] for c in cols])
+
+
 def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
     if not rows:
         return
@@ -500,6 +537,7 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
              "- `classifier`: a small Fashion-MNIST CNN's 128-d features (a quick second space, beside Inception); "
              "`inception`: FID-Inception pool3, 2048-d. Distances in the two spaces are not comparable.",
              "",
+             "## Headline", "", headline_table(rows), "", "## All metrics", "",
              "| tok steps | gen steps | generator | variant | " + " | ".join(metrics) + " |",
              "|" + "---|" * (4 + len(metrics))]
     for (ts, gs, fam, v), rs in groups.items():

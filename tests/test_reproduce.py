@@ -155,7 +155,9 @@ def test_headline_table_averages_seeds():
     rows = [{"tok_steps": 1, "gen_steps": 2, "generator": "sit", "variant": "ae", "psnr": p, "generator_loss": 1.0,
              "fd_gen_real[inception]": None} for p in (20.0, 22.0)]
     t = headline_table(rows)
-    assert "21.00" in t and "gFID" not in t and "AE (γ=0, M=0)" in t
+    assert "21.00 ± 1.00" in t and "1.000 ± 0.000" in t and "gFID" not in t and "AE (γ=0, M=0)" in t
+    one = headline_table(rows[:1])
+    assert "20.00" in one and "±" not in one
 
 
 def test_progress_estimate_charges_each_kind_its_measured_rate(monkeypatch, capsys):
