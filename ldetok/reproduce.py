@@ -552,35 +552,68 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         _plot_budget(groups, metrics, preset, figures)
 
 
+KEY_METRICS = ("fd_recon_real[inception]", "fd_gen_real[inception]", "fd_gen_recon[inception]", "generator_loss")
+_ORDER = ("psnr", "ssim", "psnr_t", "fd_recon_real", "fd_gen_real", "kid_gen_real", "fd_gen_recon", "generator_loss")
+_TITLES = {"fd_recon_real": "reconstruction ceiling: FD(recon, real)", "fd_gen_real": "FD(samples, real)",
+           "kid_gen_real": "KID(samples, real)", "fd_gen_recon": "modelability: FD(samples, recon)",
+           "generator_loss": "generator loss (final, smoothed)", "psnr": "PSNR clean (dB)", "ssim": "SSIM clean"}
+
+
+def _title(m: str) -> str:
+    base, _, space = m.partition("[")
+    space = space.rstrip("]")
+    if base.startswith("psnr_t"):
+        return f"PSNR, latents noised at t={base[6:]} (dB)"
+    t = _TITLES.get(base, base)
+    if space == "inception" and base in ("fd_recon_real", "fd_gen_real"):
+        t = {"fd_recon_real": "rFID = FD(recon, real)", "fd_gen_real": "gFID = FD(samples, real)"}[base]
+    return f"{t} [{space}]" if space else t
+
+
 def _plot_budget(groups, metrics, preset, figures: Path) -> None:
     """Each metric against the budget (tokenizer + generator steps, log axis), one line per variant, the
-    seeds' mean with their standard deviation as error bars; one figure per generator family."""
+    seeds' mean with their standard deviation as error bars; one figure per generator family, and a
+    four-panel figure of the key metrics (ceiling, gFID, modelability, generator loss) when measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figures.mkdir(parents=True, exist_ok=True)
-    ncols = min(4, len(metrics))
-    nrows = math.ceil(len(metrics) / ncols)
+    def rank(m: str) -> int:
+        return next((i for i, p in enumerate(_ORDER) if m == p or (p not in ("psnr", "ssim") and m.startswith(p))),
+                    len(_ORDER))
+
+    metrics = sorted(metrics, key=lambda m: (rank(m), m))
+    budgets = sorted({(k[0], k[1]) for k in groups})
     for fam in sorted({k[2] for k in groups}):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.7 * nrows), squeeze=False)
-        for ax, m in zip(axes.flat, metrics):
-            for v in [v for v in PAPER_VARIANTS if any(k[3] == v for k in groups)]:
-                pts = sorted((k[0] + k[1], [float(r[m]) for r in rs if r.get(m) not in (None, "")])
-                             for k, rs in groups.items() if k[2] == fam and k[3] == v)
-                pts = [(b, vals) for b, vals in pts if vals]
-                if pts:
-                    ax.errorbar([b for b, _ in pts], [np.mean(x) for _, x in pts], yerr=[np.std(x) for _, x in pts],
-                                marker="o", ms=3, label=PAPER_VARIANTS[v], capsize=2)
-            ax.set_title(m, fontsize=8)
-            ax.set_xscale("log")
-            ax.tick_params(labelsize=7)
-            ax.set_xlabel("tokenizer + generator steps", fontsize=7)
-        for ax in list(axes.flat)[len(metrics):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=6)
-        fig.suptitle(f"ldetok reproduce --preset {preset}: {fam}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(figures / f"reproduce_{preset}_{fam}.png", dpi=110)
-        plt.close(fig)
+        key = [m for m in KEY_METRICS if m in metrics]
+        for suffix, ms in (("", metrics), ("_key", key if len(key) == len(KEY_METRICS) else [])):
+            if not ms:
+                continue
+            ncols = min(4, len(ms))
+            nrows = math.ceil(len(ms) / ncols)
+            fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.9 * nrows), squeeze=False)
+            for ax, m in zip(axes.flat, ms):
+                for v in [v for v in PAPER_VARIANTS if any(k[3] == v for k in groups)]:
+                    pts = sorted((k[0] + k[1], [float(r[m]) for r in rs if r.get(m) not in (None, "")])
+                                 for k, rs in groups.items() if k[2] == fam and k[3] == v)
+                    pts = [(b, vals) for b, vals in pts if vals]
+                    if pts:
+                        ax.errorbar([b for b, _ in pts], [np.mean(x) for _, x in pts],
+                                    yerr=[np.std(x) for _, x in pts], marker="o", ms=3,
+                                    label=LABELS.get(v, v), capsize=2)
+                ax.set_title(_title(m), fontsize=8)
+                ax.set_xscale("log")
+                ax.set_xticks([a + b for a, b in budgets])
+                ax.set_xticklabels([f"{a}/{b}" for a, b in budgets], rotation=30, fontsize=6)
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+                ax.tick_params(axis="y", labelsize=7)
+                ax.set_xlabel("tokenizer/generator steps", fontsize=7)
+            for ax in list(axes.flat)[len(ms):]:
+                ax.axis("off")
+            axes.flat[0].legend(fontsize=6)
+            fig.suptitle(f"ldetok reproduce --preset {preset}: {fam}", fontsize=9)
+            fig.tight_layout()
+            fig.savefig(figures / f"reproduce_{preset}_{fam}{suffix}.png", dpi=110)
+            plt.close(fig)

@@ -27,7 +27,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
         assert int(r["n"]) == 16 and int(r["n[inception]"]) == 12  # Inception on the first n_inception only
     md = (out / "results.md").read_text()
     assert "noise + masking (l-DeTok)" in md and "fd_gen_recon" in md
-    assert (figs / "reproduce_tiny_sit.png").exists()
+    assert (figs / "reproduce_tiny_sit.png").exists() and (figs / "reproduce_tiny_sit_key.png").exists()
     assert len(list((out / "samples").glob("*.png"))) == 4
     weights = sorted((out / "generators").glob("*/generator/model.safetensors"))
     mtimes = [p.stat().st_mtime_ns for p in weights]
