@@ -62,7 +62,8 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
     plot_corruption_sweeps(toks, x[:2], figures / "fmnist_corruption_sweep.png",
                            title="Fashion-MNIST: latents corrupted (interpolative, γ=3) or masked, then decoded")
     _samples_figure({LABELS[v]: out / "samples" / f"{P.generators[0]}_{v}_s{seed}_t{tok_steps}_g{gen_steps}.png"
-                     for v in runs}, figures / "fmnist_samples.png", f"{P.generators[0]} samples (cfg {P.cfg})")
+                     for v in runs}, figures / "fmnist_samples.png",
+                    f"{P.generators[0]} samples (cfg {P.cfg}, EMA; one class per column)")
 
     table = headline_table(rows)
     r0 = rows[0]
