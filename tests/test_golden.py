@@ -1,0 +1,89 @@
+"""Behaviour guard: the loss trajectories of a 60-step ``cpu-fmnist`` tokenizer and a 60-step SiT on it
+(fixed seed, one thread, ``num_workers=0``) equal the recorded ones.
+
+The golden file was recorded before the trainers, configs and corruption code were restructured; a
+refactor that keeps behaviour keeps these numbers bit for bit. ``LDETOK_WRITE_GOLDEN=1`` rewrites it
+(only do so for a deliberate change of behaviour, and say why in the commit).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldetok.engine.logging import read_metrics
+
+GOLDEN = Path(__file__).parent / "golden" / "trajectories.json"
+TOK_ARGS = ["max_steps=60", "log_every=1", "ckpt_every=60", "image_every=0", "stats_images=512", "tensorboard=false"]
+GEN_ARGS = ["model=sit_tiny", "max_steps=60", "batch_size=64", "log_every=1", "ckpt_every=60", "latents=online",
+            "tensorboard=false"]
+
+
+def _losses(run_dir):
+    out = {}
+    for rec in read_metrics(run_dir):
+        if "loss" in rec:
+            out[str(rec["step"])] = rec["loss"]
+    return out
+
+
+def _trajectories(tmp_path):
+    from ldetok.cli import main
+
+    torch.set_num_threads(1)
+    tok, gen = tmp_path / "tok", tmp_path / "gen"
+    assert main(["train-tokenizer", "--preset", "cpu-fmnist", "--out", str(tok), *TOK_ARGS]) == 0
+    assert main(["train-generator", "--preset", "cpu-fmnist", "--tokenizer", str(tok), "--out", str(gen),
+                 *GEN_ARGS]) == 0
+    return {"tokenizer": _losses(tok), "generator": _losses(gen)}
+
+
+@pytest.mark.slow
+def test_loss_trajectories_match_golden(tmp_path):
+    got = _trajectories(tmp_path)
+    if os.environ.get("LDETOK_WRITE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"tokenizer_args": TOK_ARGS, "generator_args": GEN_ARGS, **got}, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    for part in ("tokenizer", "generator"):
+        assert len(got[part]) == 60, part
+        assert got[part].keys() == want[part].keys(), part
+        bad = {k: (got[part][k], want[part][k]) for k in want[part] if got[part][k] != want[part][k]}
+        assert not bad, f"{part} trajectory differs from the golden file at steps {sorted(bad, key=int)[:5]}: " \
+                        f"{list(bad.values())[:3]}"
+
+
+FORWARD_CASES = {
+    "detok_batch": dict(),
+    "detok_sample": dict(mask_mode="sample"),
+    "detok_logit_additive": dict(noise_dist="logit_normal", noise_mean=0.8, noise_type="additive"),
+    "detok_noise_only": dict(max_mask_ratio=0.0),
+    "detok_mask_only": dict(gamma=0.0),
+}
+
+
+def _forward_fingerprints():
+    """Sums of the training forward's outputs for several corruption settings (seeded draws)."""
+    from ldetok.tokenizers import build
+
+    out = {}
+    x = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    for name, over in FORWARD_CASES.items():
+        torch.manual_seed(0)
+        tok = build("detok_MM", image_size=32, patch_size=8, in_channels=1, latent_channels=16, **over).train()
+        vals = []
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            o = tok(x, generator=g)
+            vals += [float(o.recon.double().sum()), float(o.posterior.mean.double().sum())]
+        out[name] = vals
+    return out
+
+
+def test_training_forward_matches_golden():
+    path = GOLDEN.with_name("forward.json")
+    got = _forward_fingerprints()
+    if os.environ.get("LDETOK_WRITE_GOLDEN") == "1":
+        path.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == json.loads(path.read_text())
