@@ -1,8 +1,13 @@
 """Typed training configs, named presets (the paper's recipes and CPU-sized ones), and ``key=value``
 overrides with type checking.
 
-A preset is a dict of field overrides on top of the dataclass defaults; ``resolve(preset, overrides)``
-returns a validated config, refusing unknown keys or badly typed values before any work starts.
+A training config is a tree of dataclasses: the tokenizer's ``model`` (architecture and size),
+``corruption`` (``ldetok.corruption.CorruptionConfig``), ``data``, ``losses``, and the sub-configs both
+trainers share, ``optim`` (optimizer, schedule, length, EMA) and ``run`` (seed, placement, bookkeeping).
+Every field is reachable by its dotted path (``corruption.gamma=0``) or, where the name is unique in the
+tree, by its own name (``gamma=0``, ``max_steps=200``). A preset is a dict of such overrides on top of the
+defaults; ``resolve(...)`` returns a validated config, refusing unknown keys or badly typed values
+before any work starts.
 """
 
 from __future__ import annotations
@@ -11,33 +16,59 @@ import dataclasses
 import json
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["TokenizerTrainConfig", "TOKENIZER_PRESETS", "resolve_tokenizer_config", "parse_overrides",
-           "apply_overrides", "config_diff", "VARIANTS", "GeneratorTrainConfig", "GENERATOR_PRESETS",
-           "resolve_generator_config"]
+from . import generators, tokenizers
+from .corruption import CorruptionConfig
+from .data import DATASETS
+from .losses import PERCEPTUAL_NAMES
 
+__all__ = ["TokenizerModelConfig", "DataConfig", "TokenizerLossConfig", "OptimConfig", "RunConfig",
+           "TokenizerTrainConfig", "GeneratorTrainConfig", "TOKENIZER_PRESETS", "GENERATOR_PRESETS", "VARIANTS",
+           "resolve_tokenizer_config", "resolve_generator_config", "parse_overrides", "apply_overrides",
+           "config_diff", "config_from_dict", "flatten", "to_json", "SCHEDULES", "PRECISIONS"]
+
+SCHEDULES = ("cosine", "constant", "linear")
+PRECISIONS = ("auto", "fp32", "bf16")
+PIXEL_LOSSES = ("l2", "l1", "l2+l1")
+STAGES = ("pretrain", "decoder_ft")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-configs
+# ---------------------------------------------------------------------------------------------
 @dataclass
-class TokenizerTrainConfig:
-    # ---- model -------------------------------------------------------------------------------
-    model: str = "detok_MM"
+class TokenizerModelConfig:
+    name: str = "detok_MM"  # a tokenizer registry name (ldetok.tokenizers.available())
     image_size: int = 32
     patch_size: int = 8
     in_channels: int = 3
     latent_channels: int = 16
-    gamma: float = 3.0
-    noise_type: str = "interpolative"
-    noise_dist: str = "uniform"
-    noise_mean: float = 0.0
-    noise_std: float = 1.0
-    max_mask_ratio: float = 0.7
-    mask_mode: str = "batch"
-    # ---- data --------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
     dataset: str = "fashion_mnist"
     data_root: Optional[str] = None
     eval_split: str = "test"
-    num_workers: int = 0
-    # ---- optimisation ------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerLossConfig:
+    pixel_loss: str = "l2"
+    kl_weight: float = 1e-6
+    perceptual: str = "none"  # "lpips-convnext" (paper), "lpips", "effnet_lite0" (offline), "none"
+    perceptual_weight: float = 1.0
+    disc_weight: float = 0.1
+    disc_start_epoch: Optional[float] = None  # None: no GAN
+    adaptive_disc_weight: bool = False
+    lecam_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule, length and EMA; shared by both trainers."""
+
     batch_size: int = 128  # global (all ranks, one optimizer step incl. accumulation)
     grad_accum: int = 1
     max_steps: int = 1000
@@ -53,69 +84,98 @@ class TokenizerTrainConfig:
     grad_clip: float = 3.0
     ema_decay: float = 0.999
     ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)): short runs are not dominated by the init
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
-    # ---- losses ------------------------------------------------------------------------------
-    pixel_loss: str = "l2"
-    kl_weight: float = 1e-6
-    perceptual: str = "none"  # "lpips-convnext" (paper), "lpips", "effnet_lite0" (offline), "none"
-    perceptual_weight: float = 1.0
-    disc_weight: float = 0.1
-    disc_start_epoch: Optional[float] = None  # None: no GAN
-    adaptive_disc_weight: bool = False
-    lecam_weight: float = 0.0
-    # ---- stages ------------------------------------------------------------------------------
-    stage: str = "pretrain"  # or "decoder_ft": encoder frozen, no corruption
-    init_from: Optional[str] = None  # run dir / exported tokenizer / official .pth for decoder_ft
-    # ---- bookkeeping -------------------------------------------------------------------------
-    log_every: int = 20
-    image_every: int = 250
-    ckpt_every: int = 200
-    keep_ckpts: int = 2
-    milestone_every: int = 0
-    stats_images: int = 10000  # images for the per-channel latent statistics
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
 
-    def validate(self) -> "TokenizerTrainConfig":
-        errs = []
+    def validate(self, errs: List[str]) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
             errs.append("batch_size and grad_accum must be >= 1")
-        if self.batch_size % self.grad_accum:
+        elif self.batch_size % self.grad_accum:
             errs.append(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.max_steps < 1 and self.epochs is None:
             errs.append("max_steps must be >= 1")
-        if self.stage not in ("pretrain", "decoder_ft"):
-            errs.append(f"stage must be 'pretrain' or 'decoder_ft', got {self.stage!r}")
-        if self.stage == "decoder_ft" and not self.init_from:
-            errs.append("stage=decoder_ft needs init_from=<tokenizer run or checkpoint>")
-        if self.schedule not in ("cosine", "constant", "linear"):
-            errs.append(f"schedule must be cosine|constant|linear, got {self.schedule!r}")
+        if self.epochs is not None and self.epochs <= 0:
+            errs.append(f"epochs must be > 0, got {self.epochs}")
+        if self.schedule not in SCHEDULES:
+            errs.append(f"schedule must be one of {'|'.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 <= self.warmup_frac < 1:
             errs.append("warmup_frac must be in [0, 1)")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            errs.append(f"precision must be auto|fp32|bf16, got {self.precision!r}")
-        if self.pixel_loss not in ("l2", "l1", "l2+l1"):
-            errs.append(f"pixel_loss must be l2|l1|l2+l1, got {self.pixel_loss!r}")
+        if not 0 <= self.ema_decay < 1:
+            errs.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class RunConfig:
+    """Seed, placement and bookkeeping; shared by both trainers."""
+
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    num_workers: int = 0  # DataLoader worker processes
+    log_every: int = 20
+    ckpt_every: int = 200
+    keep_ckpts: int = 2
+    milestone_every: int = 0
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+
+    def validate(self, errs: List[str]) -> None:
+        if self.precision not in PRECISIONS:
+            errs.append(f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("log_every", "ckpt_every", "keep_ckpts"):
+            if getattr(self, name) < 1:
+                errs.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.milestone_every < 0:
+            errs.append("num_workers and milestone_every must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training configs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TokenizerTrainConfig:
+    model: TokenizerModelConfig = field(default_factory=TokenizerModelConfig)
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    losses: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # ---- stages ------------------------------------------------------------------------------
+    stage: str = "pretrain"  # or "decoder_ft": encoder frozen, corruption off
+    init_from: Optional[str] = None  # run dir / exported tokenizer / official .pth for decoder_ft
+    image_every: int = 250
+    stats_images: int = 10000  # images for the per-channel latent statistics
+
+    ALIASES: typing.ClassVar[Dict[str, str]] = {"model": "model.name"}  # the registry name's short form
+
+    def validate(self) -> "TokenizerTrainConfig":
+        errs: List[str] = []
+        self.optim.validate(errs)
+        self.run.validate(errs)
+        try:
+            self.corruption.validate()
+        except ValueError as e:
+            errs += str(e).splitlines()[1:]
+        if self.stage not in STAGES:
+            errs.append(f"stage must be one of {'|'.join(STAGES)}, got {self.stage!r}")
+        if self.stage == "decoder_ft" and not self.init_from:
+            errs.append("stage=decoder_ft needs init_from=<tokenizer run or checkpoint>")
+        if self.model.name not in tokenizers.available():
+            errs.append(f"model {self.model.name!r} is no tokenizer; available: {', '.join(tokenizers.available())}")
+        if self.data.dataset not in DATASETS:
+            errs.append(f"dataset {self.data.dataset!r} is unknown; available: {', '.join(sorted(DATASETS))}")
+        if self.losses.perceptual not in PERCEPTUAL_NAMES:
+            errs.append(f"perceptual must be one of {'|'.join(PERCEPTUAL_NAMES)}, got {self.losses.perceptual!r}")
+        if self.losses.pixel_loss not in PIXEL_LOSSES:
+            errs.append(f"pixel_loss must be one of {'|'.join(PIXEL_LOSSES)}, got {self.losses.pixel_loss!r}")
+        if self.image_every < 0 or self.stats_images < 1:
+            errs.append("image_every must be >= 0 and stats_images >= 1")
         if errs:
-            raise ValueError("invalid tokenizer config:\n  " + "\n  ".join(errs))
+            raise ValueError("invalid tokenizer config:\n  " + "\n  ".join(e.strip() for e in errs))
         return self
 
-    def model_overrides(self) -> Dict[str, Any]:
-        keys = ["image_size", "patch_size", "in_channels", "latent_channels", "gamma", "noise_type",
-                "noise_dist", "noise_mean", "noise_std", "max_mask_ratio", "mask_mode"]
-        out = {k: getattr(self, k) for k in keys}
-        if self.stage == "decoder_ft":  # the second stage trains plain reconstruction
-            out.update(gamma=0.0, max_mask_ratio=0.0)
-        if not self.model.startswith("detok"):  # the conv KL-VAE: latent noise only, no masking
-            if out["max_mask_ratio"] > 0:
-                raise ValueError(f"{self.model} does not support masking: set max_mask_ratio=0")
-            out = dict(in_channels=self.in_channels, out_channels=self.in_channels, resolution=self.image_size,
-                       z_channels=self.latent_channels, embed_dim=self.latent_channels, gamma=out["gamma"],
-                       noise_type=self.noise_type, noise_dist=self.noise_dist, noise_mean=self.noise_mean,
-                       noise_std=self.noise_std)
-        return out
+    def train_corruption(self) -> CorruptionConfig:
+        """The corruption this run trains with: off for decoder fine-tuning (its one home), else ``corruption``."""
+        return CorruptionConfig.off() if self.stage == "decoder_ft" else self.corruption
+
 
 @dataclass
 class GeneratorTrainConfig:
@@ -128,50 +188,31 @@ class GeneratorTrainConfig:
     latents: str = "cache"  # "cache" (encode once, sample from moments) or "online" (tokenize each step)
     flip: bool = False  # also cache/encode horizontally flipped images (MAR's main_cache)
     cache_dir: Optional[str] = None
-    # ---- optimisation (the paper's generator recipe: constant 2e-4, no decay/clip/warm-up) ------
-    batch_size: int = 1024
-    grad_accum: int = 1
-    max_steps: int = 1000
-    epochs: Optional[float] = None
-    lr: float = 2e-4
-    schedule: str = "constant"
-    warmup_frac: float = 0.0
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 0.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = False
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    num_workers: int = 0
+    # the paper's generator recipe: constant 2e-4, no decay/clip/warm-up, EMA 0.9999
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        batch_size=1024, lr=2e-4, schedule="constant", warmup_frac=0.0, weight_decay=0.0, grad_clip=0.0,
+        ema_decay=0.9999))
+    run: RunConfig = field(default_factory=lambda: RunConfig(log_every=50, ckpt_every=500))
     # ---- sampling for logs and the final grid ------------------------------------------------
     sample_every: int = 0
-    sample_cfg: float = 1.0
+    sample_guidance_scale: float = 1.0
     sample_steps: Optional[int] = None
     sample_temperature: float = 1.0
-    # ---- bookkeeping -------------------------------------------------------------------------
-    log_every: int = 50
-    ckpt_every: int = 500
-    keep_ckpts: int = 2
-    milestone_every: int = 0
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
+
+    ALIASES: typing.ClassVar[Dict[str, str]] = {}
 
     def validate(self) -> "GeneratorTrainConfig":
-        errs = []
+        errs: List[str] = []
+        self.optim.validate(errs)
+        self.run.validate(errs)
         if not self.tokenizer:
             errs.append("tokenizer=<tokenizer run folder> is required")
+        if self.model not in generators.available():
+            errs.append(f"model {self.model!r} is no generator; available: {', '.join(generators.available())}")
         if self.latents not in ("cache", "online"):
             errs.append(f"latents must be 'cache' or 'online', got {self.latents!r}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            errs.append("batch_size must be a positive multiple of grad_accum")
-        if self.schedule not in ("cosine", "constant", "linear"):
-            errs.append(f"schedule must be cosine|constant|linear, got {self.schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            errs.append(f"precision must be auto|fp32|bf16, got {self.precision!r}")
+        if self.sample_every < 0:
+            errs.append(f"sample_every must be >= 0, got {self.sample_every}")
         if self.model_args:
             try:
                 if not isinstance(json.loads(self.model_args), dict):
@@ -189,7 +230,7 @@ _GEN_PAPER = dict(batch_size=1024, lr=2e-4, schedule="constant", warmup_frac=0.0
 # with warm-up): the paper's constant 2e-4 at batch 1024 for 100 epochs does not transfer to 1500 steps.
 _GEN_CPU = dict(batch_size=128, max_steps=1500, lr=1e-3, schedule="cosine", warmup_frac=0.07, min_lr=1e-4,
                 weight_decay=0.0, grad_clip=1.0, ema_decay=0.999, ema_warmup=True, log_every=25, ckpt_every=250,
-                sample_every=0, sample_cfg=1.5)
+                sample_every=0, sample_guidance_scale=1.5)
 
 GENERATOR_PRESETS: Dict[str, Dict[str, Any]] = {
     # The paper's tokenizer comparison / ablation recipe: every family, 100 epochs at batch 1024.
@@ -228,10 +269,11 @@ TOKENIZER_PRESETS: Dict[str, Dict[str, Any]] = {
     # The released detok_BB recipe: 200 epochs, batch 1024, gamma 3, M 0.7, GAN from epoch 100.
     "detok_BB-imagenet256": dict(_IMAGENET, model="detok_BB", epochs=200, gamma=3.0, max_mask_ratio=0.7,
                                  disc_start_epoch=100),
-    # Its second stage: decoder only, no corruption, perceptual 0.1, blr 5e-5, 5% warm-up, 100 epochs,
-    # GAN from the start (init_from=<stage-1 run> must be given).
+    # Its second stage: decoder only, no corruption (stage=decoder_ft turns it off; the run's corruption
+    # settings record what the frozen encoder was trained with), perceptual 0.1, blr 5e-5, 5% warm-up,
+    # 100 epochs, GAN from the start (init_from=<stage-1 run> must be given).
     "detok_BB-imagenet256-decoder_ft": dict(_IMAGENET, model="detok_BB", epochs=100, stage="decoder_ft",
-                                            gamma=0.0, max_mask_ratio=0.0, perceptual_weight=0.1,
+                                            perceptual_weight=0.1,
                                             base_lr=5e-5, warmup_frac=0.05, disc_start_epoch=0),
     # The ablation tokenizer: detok_SB, 50 epochs, no GAN (its start epoch 100 is never reached).
     "detok_SB-imagenet256-ablation": dict(_IMAGENET, model="detok_SB", epochs=50, gamma=3.0,
@@ -245,8 +287,44 @@ for _base in ("cpu-fmnist", "cpu-photos", "detok_SB-imagenet256-ablation"):
             TOKENIZER_PRESETS[f"{_base}-{_v}"] = dict(TOKENIZER_PRESETS[_base], gamma=_g, max_mask_ratio=_m)
 
 # ---------------------------------------------------------------------------------------------
-# key=value overrides
+# key=value overrides on a tree of dataclasses
 # ---------------------------------------------------------------------------------------------
+def _fields_of(cls, prefix: str = "") -> Dict[str, Any]:
+    """Dotted path -> type hint of every leaf field of the dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(_fields_of(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
+
+
+def _key_index(cls) -> Dict[str, str]:
+    """Every accepted key -> its dotted path: the path itself, a leaf name unique in the tree, an alias."""
+    paths = _fields_of(cls)
+    index = {p: p for p in paths}
+    leaves: Dict[str, List[str]] = {}
+    for p in paths:
+        leaves.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    for leaf, ps in leaves.items():
+        if len(ps) == 1 and leaf not in index:
+            index[leaf] = ps[0]
+    index.update(getattr(cls, "ALIASES", {}))
+    return index
+
+
+def _canonical(cls, key: str) -> str:
+    index = _key_index(cls)
+    if key not in index:
+        short = sorted(k for k in index if "." not in k)
+        raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(short)} "
+                         f"(or their dotted paths, e.g. corruption.gamma, optim.max_steps)")
+    return index[key]
+
+
 def _convert(name: str, tp, raw: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -276,26 +354,57 @@ def _convert(name: str, tp, raw: str):
             raise ValueError(f"{name}: expected a number, got {raw!r}") from None
     return raw
 
+
 def parse_overrides(cls, items: List[str]) -> Dict[str, Any]:
-    """``["gamma=0", "max_steps=200"]`` -> typed dict, checked against the dataclass ``cls``."""
-    hints = typing.get_type_hints(cls)
+    """``["gamma=0", "optim.max_steps=200"]`` -> {dotted path: typed value}, checked against ``cls``."""
+    types = _fields_of(cls)
     out = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        if key not in hints:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(hints))}")
-        out[key] = _convert(key, hints[key], raw.strip())
+        path = _canonical(cls, key.strip())
+        out[path] = _convert(key.strip(), types[path], raw.strip())
     return out
 
+
+def _set(obj, path: str, value):
+    head, _, rest = path.partition(".")
+    if not rest:
+        return dataclasses.replace(obj, **{head: value})
+    return dataclasses.replace(obj, **{head: _set(getattr(obj, head), rest, value)})
+
+
 def apply_overrides(cfg, overrides: Dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cfg)}
-    bad = sorted(set(overrides) - names)
+    """A copy of ``cfg`` with ``overrides`` ({key or dotted path: value}) set; unknown keys are refused."""
+    bad = []
+    for key, value in (overrides or {}).items():
+        try:
+            cfg = _set(cfg, _canonical(type(cfg), key), value)
+        except ValueError:
+            bad.append(key)
     if bad:
-        raise ValueError(f"unknown config keys: {', '.join(bad)}")
-    return dataclasses.replace(cfg, **overrides)
+        raise ValueError(f"unknown config keys: {', '.join(sorted(bad))}")
+    return cfg
+
+
+def flatten(cfg) -> Dict[str, Any]:
+    """A config (or its saved dict) as {dotted path: value}."""
+    d = asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in flatten(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(cls, d: Dict[str, Any]):
+    """A config from its saved dict: nested (``asdict``) or flat (exports written before sub-configs;
+    each flat key is read by its leaf name). Unknown keys are refused; missing ones take the defaults."""
+    return apply_overrides(cls(), flatten(d)).validate()
+
 
 def _resolve(base, presets: Dict[str, Dict[str, Any]], what: str, preset: Optional[str], overrides):
     """Defaults <- the preset's fields <- ``overrides``, validated before any work starts."""
@@ -309,11 +418,12 @@ def _resolve(base, presets: Dict[str, Dict[str, Any]], what: str, preset: Option
 def resolve_tokenizer_config(preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None):
     return _resolve(TokenizerTrainConfig(), TOKENIZER_PRESETS, "preset", preset, overrides)
 
-def config_diff(a, b) -> Dict[str, tuple]:
-    da, db = (asdict(a) if dataclasses.is_dataclass(a) else dict(a)), (asdict(b) if dataclasses.is_dataclass(b) else dict(b))
+
+def config_diff(a, b) -> Dict[str, Tuple[Any, Any]]:
+    """{dotted path: (a's value, b's value)} where two configs (or saved dicts, nested or flat) differ."""
+    da, db = flatten(a), flatten(b)
     return {k: (da.get(k), db.get(k)) for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)}
+
 
 def to_json(cfg) -> str:
     return json.dumps(asdict(cfg), indent=2, sort_keys=True)
-
-_ = field  # re-exported for typed configs elsewhere

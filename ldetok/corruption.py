@@ -6,7 +6,15 @@ Pure functions, each taking an optional ``torch.Generator`` so that every draw i
   best at mean 0.8, std 1);
 - interpolative noise ``z' = (1 - t) z + t γ ε`` (official default) and additive noise ``z' = z + t γ ε``;
 - mask ratios ``max(0, U(low, M))`` drawn once per batch (official) or once per sample;
-- MAE random masking that keeps ``ceil(L (1 - ratio))`` tokens.
+- MAE random masking that keeps ``ceil(L (1 - ratio))`` tokens;
+- ``CorruptionConfig``: every corruption setting of a tokenizer run in one place, stored once in the
+  run folder and read back by everything that evaluates or shows a tokenizer;
+- ``denoising_forward``: the one training pass that serves every tokenizer (draw the corruption, encode
+  the visible tokens, sample the posterior, noise the latents, decode). Tokenizers hold architecture
+  only: ``posterior_visible`` / ``decode_visible`` with the kept-token indices for masking.
+
+A new noise type is one function registered in ``NOISE``: the configs, the command line, the demo and
+the notebooks offer every name in it.
 
 Reference: Yang et al., "Latent Denoising Makes Good Tokenizers" (ICLR 2026), Sec. 3.
 """
@@ -14,9 +22,11 @@ Reference: Yang et al., "Latent Denoising Makes Good Tokenizers" (ICLR 2026), Se
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
 
 __all__ = [
     "sample_noise_level",
@@ -26,12 +36,22 @@ __all__ = [
     "sample_mask_ratio",
     "random_masking",
     "kept_indices",
+    "NOISE",
     "NOISE_TYPES",
     "NOISE_DISTS",
+    "MASK_MODES",
+    "CorruptionConfig",
+    "CorruptionDraw",
+    "TokenMask",
+    "DenoisingOutput",
+    "draw_corruption",
+    "mask_tokens",
+    "denoising_forward",
+    "DenoisingPass",
 ]
 
-NOISE_TYPES = ("interpolative", "additive")
 NOISE_DISTS = ("uniform", "logit_normal")
+MASK_MODES = ("batch", "sample")
 
 
 def _gen_device(generator: Optional[torch.Generator], fallback) -> torch.device:
@@ -116,13 +136,19 @@ def additive_noise(
     return z + _broadcast_t(t, z) * gamma * eps
 
 
+# name -> f(z, t, gamma, generator, noise). Register a new noise type here: everything else reads this table.
+NOISE: Dict[str, Callable[..., torch.Tensor]] = {
+    "interpolative": interpolative_noise,
+    "additive": additive_noise,
+}
+NOISE_TYPES = tuple(NOISE)
+
+
 def apply_noise(z, t, gamma, kind: str = "interpolative", generator=None, noise=None) -> torch.Tensor:
-    """Dispatch on ``kind`` ("interpolative" or "additive")."""
-    if kind == "interpolative":
-        return interpolative_noise(z, t, gamma, generator, noise)
-    if kind == "additive":
-        return additive_noise(z, t, gamma, generator, noise)
-    raise ValueError(f"unknown noise type {kind!r}; expected one of {NOISE_TYPES}")
+    """Noise ``z`` at level ``t`` with the registered noise type ``kind``."""
+    if kind not in NOISE:
+        raise ValueError(f"unknown noise type {kind!r}; expected one of {NOISE_TYPES}")
+    return NOISE[kind](z, t, gamma, generator, noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,3 +232,185 @@ def random_masking(
 def kept_indices(ids_restore: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Original positions (B, n_keep) of the tokens ``random_masking`` kept."""
     return torch.argsort(ids_restore, dim=1)[:, :n_keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# The corruption settings of a run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CorruptionConfig:
+    """Every corruption setting of a tokenizer run (the paper's recipe by default).
+
+    ``gamma = 0`` turns the noise off and ``max_mask_ratio = 0`` the masking; both off is a plain
+    autoencoder (``CorruptionConfig.off()``, also what decoder fine-tuning trains with).
+    """
+
+    noise_type: str = "interpolative"  # a name in NOISE
+    gamma: float = 3.0  # noise strength γ
+    noise_dist: str = "uniform"  # the τ distribution: "uniform" (official) or "logit_normal"
+    noise_mean: float = 0.0  # logit-normal location (the paper's τ ablation: best at 0.8)
+    noise_std: float = 1.0  # logit-normal scale
+    max_mask_ratio: float = 0.7  # M: ratio ~ max(0, U(mask_low, M))
+    mask_low: float = -0.1  # a constant ratio M when mask_low = M (the paper's constant-vs-random ablation)
+    mask_mode: str = "batch"  # "batch" (official: one ratio per forward) or "sample" (one per image)
+
+    def validate(self) -> "CorruptionConfig":
+        errs = []
+        if self.noise_type not in NOISE:
+            errs.append(f"noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}")
+        if self.noise_dist not in NOISE_DISTS:
+            errs.append(f"noise_dist must be one of {NOISE_DISTS}, got {self.noise_dist!r}")
+        if self.noise_dist == "logit_normal" and self.noise_std <= 0:
+            errs.append(f"noise_std must be > 0 for logit_normal, got {self.noise_std}")
+        if self.mask_mode not in MASK_MODES:
+            errs.append(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if not 0.0 <= self.max_mask_ratio < 1.0:
+            errs.append(f"max_mask_ratio must be in [0, 1), got {self.max_mask_ratio}")
+        if self.mask_low > self.max_mask_ratio:
+            errs.append(f"mask_low ({self.mask_low}) must not exceed max_mask_ratio ({self.max_mask_ratio})")
+        if self.gamma < 0:
+            errs.append(f"gamma must be >= 0, got {self.gamma}")
+        if errs:
+            raise ValueError("invalid corruption config:\n  " + "\n  ".join(errs))
+        return self
+
+    @classmethod
+    def off(cls) -> "CorruptionConfig":
+        """No noise, no masking: plain reconstruction."""
+        return cls(gamma=0.0, max_mask_ratio=0.0)
+
+    @property
+    def noise_on(self) -> bool:
+        return self.gamma > 0
+
+    @property
+    def masking_on(self) -> bool:
+        return self.max_mask_ratio > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "CorruptionConfig":
+        """From a saved dict; unknown keys are refused, missing ones take the defaults."""
+        d = dict(d or {})
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ValueError(f"unknown corruption settings: {', '.join(bad)}; valid: {', '.join(sorted(names))}")
+        return cls(**d).validate()
+
+    def with_(self, **changes) -> "CorruptionConfig":
+        return replace(self, **changes).validate()
+
+    def describe(self) -> str:
+        noise = f"γ={self.gamma:g} {self.noise_type}, t~{self.noise_dist}" if self.noise_on else "no noise"
+        mask = f"mask ≤ {self.max_mask_ratio:g} ({self.mask_mode})" if self.masking_on else "no masking"
+        return f"{noise}; {mask}"
+
+
+@dataclass
+class CorruptionDraw:
+    """One batch's random corruption: the mask ratio (0.0 = none; a float or a (B,) tensor) and the
+    noise level per sample ((B,) tensor, or None = no noise)."""
+
+    mask_ratio: Union[float, torch.Tensor] = 0.0
+    noise_level: Optional[torch.Tensor] = None
+
+
+def draw_corruption(cfg: CorruptionConfig, batch: int, generator: Optional[torch.Generator] = None,
+                    device=None) -> CorruptionDraw:
+    """Draw the mask ratio, then the noise levels, in the training order (the order is part of exact resume)."""
+    ratio: Union[float, torch.Tensor] = 0.0
+    if cfg.masking_on:
+        if cfg.mask_mode == "batch":
+            ratio = sample_mask_ratio(cfg.max_mask_ratio, cfg.mask_low, generator)
+        else:
+            ratio = sample_mask_ratio(cfg.max_mask_ratio, cfg.mask_low, generator, n=batch, device=device)
+            if bool((ratio == 0).all()):
+                ratio = 0.0
+    t = None
+    if cfg.noise_on:
+        t = sample_noise_level(batch, cfg.noise_dist, cfg.noise_mean, cfg.noise_std, generator, device)
+    return CorruptionDraw(ratio, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The denoising forward pass (every tokenizer)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TokenMask:
+    """Which tokens the encoder sees: ``ids_keep`` (B, K) original positions; ``valid`` (B, K) bool or None
+    (per-sample ratios: kept-but-invalid padding positions); ``mask`` (B, L), 1 = masked."""
+
+    ids_keep: torch.Tensor
+    valid: Optional[torch.Tensor]
+    mask: torch.Tensor
+
+
+def mask_tokens(batch: int, seq_len: int, ratio, generator: Optional[torch.Generator] = None, device=None) -> TokenMask:
+    """Draw the MAE shuffle for ``ratio`` (a float or a (B,) tensor) over ``seq_len`` tokens."""
+    dummy = torch.zeros(batch, seq_len, 1, device=device)
+    kept, mask, ids_restore = random_masking(dummy, ratio, generator)
+    ids_keep = kept_indices(ids_restore, kept.shape[1])
+    valid = None
+    if isinstance(ratio, torch.Tensor) and ratio.ndim > 0:
+        valid = torch.gather(mask, 1, ids_keep) < 0.5
+        if bool(valid.all()):
+            valid = None
+    return TokenMask(ids_keep, valid, mask)
+
+
+@dataclass
+class DenoisingOutput:
+    """What the denoising pass returns to the losses and the figures."""
+
+    recon: torch.Tensor  # (B, C_img, H, W), raw decoder output (not clamped)
+    posterior: object  # the tokenizer's DiagonalGaussian over the visible latents
+    latents: torch.Tensor  # the (possibly corrupted) latents the decoder saw, NCHW, zeros where masked
+    mask: Optional[torch.Tensor] = None  # (B, L) 1 = masked token, or None
+    noise_level: Optional[torch.Tensor] = None  # (B,) t per sample, or None
+    mask_ratio: Optional[torch.Tensor] = None  # (B,) ratio used, or None
+
+
+def denoising_forward(tok, x: torch.Tensor, cfg: Optional[CorruptionConfig] = None,
+                      generator: Optional[torch.Generator] = None, *, draw: Optional[CorruptionDraw] = None,
+                      sample: bool = True, noise: Optional[torch.Tensor] = None) -> DenoisingOutput:
+    """Encode the visible tokens, sample the posterior, noise the latents, decode: the l-DeTok training pass.
+
+    ``draw`` fixes the mask ratio and noise level (figures, the demo); otherwise they are drawn from
+    ``cfg``. ``sample=False`` uses the posterior mean. ``noise`` fixes ε (in the tokenizer's working
+    latent layout). ``tok`` provides ``num_tokens`` (None: no masking), ``posterior_visible``,
+    ``decode_visible`` and ``visible_to_nchw``.
+    """
+    cfg = cfg or CorruptionConfig.off()
+    b = x.shape[0]
+    if draw is None:
+        draw = draw_corruption(cfg, b, generator, x.device)
+    ratio = draw.mask_ratio
+    keep, ratio_t = None, None
+    if isinstance(ratio, torch.Tensor) or ratio > 0:
+        if tok.num_tokens is None:
+            raise ValueError(f"{type(tok).__name__} does not support masking: set max_mask_ratio=0")
+        keep = mask_tokens(b, tok.num_tokens, ratio, generator, x.device)
+        ratio_t = torch.as_tensor(ratio, dtype=torch.float32).expand(b).to(x.device)
+    post = tok.posterior_visible(x, keep)
+    z = post.sample(generator) if sample else post.mean
+    t = None
+    if draw.noise_level is not None and cfg.gamma > 0:
+        t = torch.as_tensor(draw.noise_level, dtype=z.dtype, device=z.device).expand(b)
+        z = apply_noise(z, t, cfg.gamma, cfg.noise_type, generator, noise)
+    recon = tok.decode_visible(z, keep)
+    return DenoisingOutput(recon, post, tok.visible_to_nchw(z, keep), None if keep is None else keep.mask, t, ratio_t)
+
+
+class DenoisingPass(nn.Module):
+    """``denoising_forward`` as a module around a tokenizer, so that DDP wraps the corrupted pass."""
+
+    def __init__(self, tokenizer: nn.Module, cfg: CorruptionConfig):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> DenoisingOutput:
+        return denoising_forward(self.tokenizer, x, self.cfg, generator)

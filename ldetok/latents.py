@@ -60,7 +60,7 @@ def build_latent_cache(tok_run, dataset_name: Optional[str] = None, split: str =
         raise LatentStatsMismatch(f"{tok_run}: the tokenizer has no latent statistics; a finished tokenizer run "
                                   "exports them (or call collect_latent_stats)")
     cfg = run_train_config(tok_run)
-    dataset_name = dataset_name or cfg["dataset"]
+    dataset_name = dataset_name or cfg.data.dataset
     out = Path(out_dir) if out_dir else default_cache_dir(tok_run, dataset_name, split, flip)
     out.parent.mkdir(parents=True, exist_ok=True)
     # one builder at a time (several runs may start on the same tokenizer at once): the others wait,
@@ -91,10 +91,10 @@ def _build_locked(tok, tok_run, cfg, dataset_name, split, flip, out, explicit_di
                 f"{out} holds latents of another tokenizer ({meta.get('tokenizer')}, fingerprint "
                 f"{meta.get('tokenizer_fingerprint')}; this one is {fp}): they are not normalised with this "
                 "tokenizer's statistics. Remove the folder or choose another cache_dir.")
-    ds = build_dataset(dataset_name, split=split, image_size=cfg["image_size"], channels=cfg["in_channels"],
-                       root=data_root if data_root is not None else cfg.get("data_root"))
+    ds = build_dataset(dataset_name, split=split, image_size=cfg.model.image_size, channels=cfg.model.in_channels,
+                       root=data_root if data_root is not None else cfg.data.data_root)
     n = len(ds) if limit is None else min(limit, len(ds))
-    c, h, w = tok.latent_shape(cfg["image_size"])
+    c, h, w = tok.latent_shape(cfg.model.image_size)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -120,7 +120,7 @@ def _build_locked(tok, tok_run, cfg, dataset_name, split, flip, out, explicit_di
     np.save(tmp / "labels.npy", labels)
     meta = {"complete": True, "tokenizer": str(Path(tok_run).resolve()), "tokenizer_fingerprint": fp,
             "latent_mean": tok.latent_mean.tolist(), "latent_std": tok.latent_std.tolist(),
-            "dataset": dataset_name, "split": split, "count": n, "limit": limit, "image_size": cfg["image_size"],
+            "dataset": dataset_name, "split": split, "count": n, "limit": limit, "image_size": cfg.model.image_size,
             "latent_shape": [c, h, w], "flip": flip, "num_classes": int(getattr(ds, "num_classes", int(labels.max()) + 1))}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
@@ -167,20 +167,30 @@ class LatentCache(torch.utils.data.Dataset):
                 f"{self.dir} was built from another tokenizer ({self.meta['tokenizer']}, fingerprint "
                 f"{self.meta['tokenizer_fingerprint']}): its latents are not normalised with this tokenizer's statistics")
 
-    def batch(self, indices, generator: Optional[torch.Generator] = None, device="cpu"):
-        """Normalised latent samples (B, C, h, w) and labels for ``indices``; with a flip cache, each item
-        takes the flipped moments with probability 1/2 (drawn from ``generator``)."""
+    def read(self, indices):
+        """The stored moments (and flipped moments, or None) and labels for ``indices``: plain reads, no
+        randomness, so DataLoader workers can do them."""
         idx = np.asarray(indices)
-        mom = torch.from_numpy(np.ascontiguousarray(self.moments[np.sort(idx)]))
-        order = np.argsort(np.argsort(idx))  # memmap reads are fastest sorted; restore the order
-        mom = mom[torch.from_numpy(order)]
+        order = torch.from_numpy(np.argsort(np.argsort(idx)))  # memmap reads are fastest sorted; restore the order
+        mom = torch.from_numpy(np.ascontiguousarray(self.moments[np.sort(idx)]))[order]
+        mom_f = None
         if self.moments_flip is not None:
-            flip = torch.rand(len(idx), generator=generator) < 0.5
+            mom_f = torch.from_numpy(np.ascontiguousarray(self.moments_flip[np.sort(idx)]))[order]
+        return mom, mom_f, self.labels[torch.from_numpy(idx)]
+
+    def sample(self, read, generator: Optional[torch.Generator] = None, device="cpu"):
+        """Normalised latent samples (B, C, h, w) and labels from ``read``'s output; with a flip cache, each
+        item takes the flipped moments with probability 1/2. Draws from ``generator``: flips, then samples."""
+        mom, mom_f, labels = read
+        if mom_f is not None:
+            flip = torch.rand(len(mom), generator=generator) < 0.5
             if flip.any():
-                mf = torch.from_numpy(np.ascontiguousarray(self.moments_flip[np.sort(idx)]))[torch.from_numpy(order)]
-                mom = torch.where(flip.view(-1, 1, 1, 1), mf, mom)
+                mom = torch.where(flip.view(-1, 1, 1, 1), mom_f, mom)
         mom = mom.to(device)
-        post = DiagonalGaussian(mom, dim=1)
-        z = post.sample(generator)
+        z = DiagonalGaussian(mom, dim=1).sample(generator)
         z = (z - self.mean.to(device).view(1, -1, 1, 1)) / self.std.to(device).view(1, -1, 1, 1)
-        return z, self.labels[torch.from_numpy(idx)].to(device)
+        return z, labels.to(device)
+
+    def batch(self, indices, generator: Optional[torch.Generator] = None, device="cpu"):
+        """``sample(read(indices))``."""
+        return self.sample(self.read(indices), generator, device)

@@ -65,17 +65,19 @@ FORWARD_CASES = {
 
 def _forward_fingerprints():
     """Sums of the training forward's outputs for several corruption settings (seeded draws)."""
+    from ldetok.corruption import CorruptionConfig, denoising_forward
     from ldetok.tokenizers import build
 
     out = {}
     x = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
     for name, over in FORWARD_CASES.items():
         torch.manual_seed(0)
-        tok = build("detok_MM", image_size=32, patch_size=8, in_channels=1, latent_channels=16, **over).train()
+        tok = build("detok_MM", image_size=32, patch_size=8, in_channels=1, latent_channels=16).train()
+        cfg = CorruptionConfig(**over).validate()
         vals = []
         g = torch.Generator().manual_seed(3)
         for _ in range(3):
-            o = tok(x, generator=g)
+            o = denoising_forward(tok, x, cfg, g)
             vals += [float(o.recon.double().sum()), float(o.posterior.mean.double().sum())]
         out[name] = vals
     return out

@@ -14,10 +14,11 @@ from .distributed import DistInfo, gather_objects
 __all__ = ["autocast_ctx", "ema_decay_at", "check_resume_config", "gather_rng_states", "restore_rng_states",
            "RESUME_FREE_KEYS", "load_resume_state"]
 
-# Config keys that may change between a run and its resumption (length, bookkeeping, placement).
+# Config fields (by leaf name) that may change between a run and its resumption (length, bookkeeping,
+# placement, sampling for logs).
 RESUME_FREE_KEYS = {"max_steps", "epochs", "log_every", "image_every", "sample_every", "ckpt_every", "keep_ckpts",
-                    "milestone_every", "tensorboard", "wandb_project", "num_workers", "device", "sample_cfg",
-                    "sample_steps", "sample_temperature"}
+                    "milestone_every", "tensorboard", "wandb_project", "num_workers", "device",
+                    "sample_guidance_scale", "sample_steps", "sample_temperature"}
 
 
 def autocast_ctx(device: torch.device, precision: str):
@@ -35,7 +36,7 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
 
 
 def check_resume_config(saved: dict, current: dict, path) -> None:
-    diff = {k: v for k, v in config_diff(saved, current).items() if k not in RESUME_FREE_KEYS}
+    diff = {k: v for k, v in config_diff(saved, current).items() if k.rsplit(".", 1)[-1] not in RESUME_FREE_KEYS}
     if diff:
         raise ValueError(f"{path} was trained with a different config; differing keys: "
                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())

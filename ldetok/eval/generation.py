@@ -507,7 +507,7 @@ def evaluate_generator_run(run_dir, n: int = 1000, cfg: float = 1.0, cfg_sweep: 
     gen, tok, meta = load_generator_run(run_dir, dev)
     if reference is None:
         tcfg = run_train_config(meta["tokenizer"])
-        reference = (tcfg["dataset"], "train", int(tcfg["image_size"]), int(n), tcfg.get("data_root"))
+        reference = (tcfg.data.dataset, "train", int(tcfg.model.image_size), int(n), tcfg.data.data_root)
     proto = {"ema": meta.get("ema", True), "tokenizer": Path(str(meta.get("tokenizer"))).name,
              "generator": meta.get("name"), "run": run_dir.name}
     sweep = None

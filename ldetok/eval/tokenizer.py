@@ -17,16 +17,19 @@ from ..corruption import interpolative_noise
 __all__ = ["evaluate_tokenizer_run", "lpips_or_reason", "run_train_config"]
 
 
-def run_train_config(run_dir) -> dict:
-    """The training config of a run (from the exported tokenizer, else the run's config.json)."""
+def run_train_config(run_dir):
+    """The training config of a tokenizer run, typed (``TokenizerTrainConfig``), from the exported tokenizer,
+    else the run's config.json."""
+    from ..config import TokenizerTrainConfig, config_from_dict
+
     d = Path(run_dir)
     for meta in (d / "tokenizer" / "tokenizer.json", d / "tokenizer.json"):
         if meta.exists():
             cfg = json.loads(meta.read_text()).get("train_config")
             if cfg:
-                return cfg
+                return config_from_dict(TokenizerTrainConfig, cfg)
     if (d / "config.json").exists():
-        return json.loads((d / "config.json").read_text())
+        return config_from_dict(TokenizerTrainConfig, json.loads((d / "config.json").read_text()))
     raise FileNotFoundError(f"{d}: no tokenizer/tokenizer.json or config.json (is this a tokenizer run folder?)")
 
 
@@ -60,15 +63,15 @@ def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] 
     run_dir = Path(run_dir)
     tok = load_tokenizer(run_dir).to(dev).eval()
     cfg = run_train_config(run_dir)
-    split = split or cfg.get("eval_split", "test")
-    ds = build_dataset(cfg["dataset"], split=split, image_size=cfg["image_size"], channels=cfg["in_channels"],
-                       root=cfg.get("data_root"))
+    split = split or cfg.data.eval_split
+    ds = build_dataset(cfg.data.dataset, split=split, image_size=cfg.model.image_size,
+                       channels=cfg.model.in_channels, root=cfg.data.data_root)
     n = min(n, len(ds))
     lpips_fn, why = lpips_or_reason(dev)
     extra = {"ema": True, "tokenizer": run_dir.name}
     if why and verbose:
         print(f"LPIPS unavailable: {why}")
-    results = {"clean": evaluate_reconstruction(tok, ds, n, dev, f"{cfg['dataset']}/{split}", batch_size,
+    results = {"clean": evaluate_reconstruction(tok, ds, n, dev, f"{cfg.data.dataset}/{split}", batch_size,
                                                 compute_rfid=rfid, lpips_fn=lpips_fn, protocol_extra=extra)}
     for t in noise_levels:
         g = torch.Generator().manual_seed(seed)
@@ -78,7 +81,7 @@ def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] 
             return interpolative_noise(z, float(t), gamma, noise=eps)
 
         results[f"t={t:g}"] = evaluate_reconstruction(
-            tok, ds, n, dev, f"{cfg['dataset']}/{split}", batch_size, compute_rfid=rfid and rfid_corrupted,
+            tok, ds, n, dev, f"{cfg.data.dataset}/{split}", batch_size, compute_rfid=rfid and rfid_corrupted,
             lpips_fn=lpips_fn, corruption=corrupt,
             protocol_extra={**extra, "latent_noise": f"interpolative t={t:g} gamma={gamma:g} (raw latents)"})
     out = {k: {m: r.to_dict() for m, r in v.items()} for k, v in results.items()}

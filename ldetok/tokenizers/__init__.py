@@ -2,7 +2,9 @@
 
 - ``build(name, **overrides)``: a registry name (``detok_SS`` ... ``detok_XLXL`` as released, the CPU
   sizes ``detok_MM``, ``detok_MT``, ``detok_TT``, the conv VAEs ``marvae`` and ``convvae_tiny``) plus
-  any config field (image_size, patch_size, latent_channels, gamma, max_mask_ratio, ...).
+  any architecture field (image_size, patch_size, latent_channels, ...); ``build_sized`` takes the one
+  set of size fields every kind understands (what a training config's ``model`` holds). Corruption is
+  not a tokenizer field: see ``ldetok.corruption``.
 - ``save_tokenizer(tok, dir)`` / ``load_tokenizer(dir)``: safetensors weights + a JSON config.
 - ``load_official_detok(path, model="detok_BB", ema=True)`` / ``load_official_marvae(path)``: the
   released checkpoints, strict keys, ``weights_only=True``.
@@ -16,12 +18,11 @@ from typing import Callable, Dict
 
 import torch
 
-from .base import DiagonalGaussian, Tokenizer, TokenizerOutput
+from .base import DiagonalGaussian, Tokenizer
 from .detok import SIZES, DeTok, DeTokConfig, size_config, split_size_name
 
 __all__ = [
     "Tokenizer",
-    "TokenizerOutput",
     "DiagonalGaussian",
     "DeTok",
     "DeTokConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "REGISTRY",
     "available",
     "build",
+    "build_sized",
     "build_from_config",
     "save_tokenizer",
     "load_tokenizer",
@@ -81,8 +83,24 @@ def build(name: str, **overrides) -> Tokenizer:
     raise KeyError(f"unknown tokenizer {name!r}; available: {', '.join(available())}")
 
 
+def build_sized(name: str, image_size: int, patch_size: int, in_channels: int, latent_channels: int) -> Tokenizer:
+    """A registry tokenizer at the given size, for every kind (the conv VAE's stride is fixed by its
+    registry entry, so ``patch_size`` applies to the ViT tokenizers only)."""
+    if name in _convvae_names():
+        return build(name, in_channels=in_channels, out_channels=in_channels, resolution=image_size,
+                     z_channels=latent_channels, embed_dim=latent_channels)
+    return build(name, image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                 latent_channels=latent_channels)
+
+
+# Corruption settings that exports written before corruption had its own config kept in the model config.
+LEGACY_CORRUPTION_KEYS = ("gamma", "noise_type", "noise_dist", "noise_mean", "noise_std", "max_mask_ratio",
+                          "mask_low", "mask_mode")
+
+
 def build_from_config(kind: str, config: dict) -> Tokenizer:
-    """Rebuild from ``(tok.kind, tok.config_dict())``."""
+    """Rebuild from ``(tok.kind, tok.config_dict())`` (legacy corruption keys are ignored)."""
+    config = {k: v for k, v in config.items() if k not in LEGACY_CORRUPTION_KEYS}
     if kind == "detok":
         return DeTok(DeTokConfig(**config))
     if kind == "convvae":
@@ -191,8 +209,8 @@ def load_official_detok(path, model: str = "detok_BB", ema: bool = True, map_loc
         raise OfficialCheckpointError(f"{p}: expected a dict with {key!r}; found {have}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    # The official class was built with gamma 3 / mask 0.75 defaults; corruption only matters for
-    # training, so the loaded model keeps our paper-recipe defaults unless overridden.
+    # The official class holds its corruption settings (gamma 3 / mask 0.75 by default); here they belong
+    # to the training config (ldetok.corruption.CorruptionConfig), so the file gives architecture only.
     tok = build(model, **overrides)
     _match_strict(tok, state, p)
     return tok.eval()

@@ -8,20 +8,21 @@ layout (the ViT tokenizer works on ``(B, L, C)`` token sequences). Images are ``
 - ``decode(z)``: raw latents -> images in [-1, 1] (not clamped: training losses see the raw output).
 - ``tokenize`` / ``detokenize``: the same, with per-channel latent statistics applied, which is what
   generators consume: ``(z - mean_c) / std_c``. ``detokenize`` clamps to [-1, 1].
-- ``forward(x)`` in training mode: the corrupted reconstruction used by the training losses
-  (``TokenizerOutput``).
 - ``latent_shape(image_size)``: ``(C, h, w)``.
+- for the denoising pass (``ldetok.corruption.denoising_forward``, which holds every corruption step):
+  ``num_tokens`` (None when the tokenizer cannot mask), ``posterior_visible(x, keep)``,
+  ``decode_visible(z, keep)`` and ``visible_to_nchw(z, keep)`` in the tokenizer's working latent layout,
+  with ``keep`` the kept-token indices (``ldetok.corruption.TokenMask``) or None.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ["DiagonalGaussian", "TokenizerOutput", "Tokenizer"]
+__all__ = ["DiagonalGaussian", "Tokenizer"]
 
 
 class DiagonalGaussian:
@@ -54,29 +55,19 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
 
 
-@dataclass
-class TokenizerOutput:
-    """What a training forward pass returns to the losses."""
-
-    recon: torch.Tensor  # (B, C_img, H, W), raw decoder output in [-1, 1] image space
-    posterior: DiagonalGaussian
-    latents: torch.Tensor  # the (possibly corrupted) latents the decoder saw, NCHW
-    mask: Optional[torch.Tensor] = None  # (B, L) 1 = masked token, or None
-    noise_level: Optional[torch.Tensor] = None  # (B,) t per sample, or None
-    mask_ratio: Optional[torch.Tensor] = None  # (B,) per-sample ratio actually used, or None
-
-
 class Tokenizer(nn.Module):
     """Base class: holds the per-channel latent statistics and the normalisation around them.
 
-    Subclasses implement ``encode_moments`` (images -> NCHW ``[mean, logvar]`` without corruption),
-    ``decode`` and ``forward`` (the training pass), and set ``latent_channels`` and ``stride``.
+    Subclasses implement ``encode_moments`` (images -> NCHW ``[mean, logvar]``) and ``decode``, and set
+    ``latent_channels`` and ``stride``; a tokenizer that can mask tokens sets ``num_tokens`` and
+    overrides the three ``*_visible`` methods. No tokenizer holds corruption code.
     The statistics are persistent buffers, so they travel with our own checkpoints; ``has_stats``
     says whether they were ever set (generators refuse latents normalised without them).
     """
 
     latent_channels: int
     stride: int
+    num_tokens: Optional[int] = None  # tokens an encoder can mask; None: no masking
 
     def _init_stats(self, channels: int) -> None:
         self.register_buffer("latent_mean", torch.zeros(channels))
@@ -97,6 +88,22 @@ class Tokenizer(nn.Module):
             raise ValueError(f"image size {image_size} is not divisible by the tokenizer stride {self.stride}")
         g = image_size // self.stride
         return (self.latent_channels, g, g)
+
+    # ---- the denoising pass's view (working layout; overridden by tokenizers that mask) ---------
+    def posterior_visible(self, x: torch.Tensor, keep=None) -> "DiagonalGaussian":
+        if keep is not None:
+            raise ValueError(f"{type(self).__name__} does not support masking")
+        return self.posterior(x)
+
+    def decode_visible(self, z: torch.Tensor, keep=None) -> torch.Tensor:
+        return self.decode(z)
+
+    def visible_to_nchw(self, z: torch.Tensor, keep=None) -> torch.Tensor:
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Clean reconstruction (posterior mean), not clamped. Training goes through the denoising pass."""
+        return self.decode(self.encode(x))
 
     # ---- shared -----------------------------------------------------------------------------
     def posterior(self, x: torch.Tensor) -> DiagonalGaussian:

@@ -1,10 +1,11 @@
-"""Convolutional KL-VAE (LDM / MAR style), with optional l-DeTok latent noise during training.
+"""Convolutional KL-VAE (LDM / MAR style); trained with l-DeTok latent noise through the denoising pass.
 
 The module layout and state-dict key names follow the LDM ``AutoencoderKL`` as released with MAR
 (``kl16.ckpt``: ch 128, ch_mult (1, 1, 2, 2, 4), two res blocks per level, attention at resolution 16
 in the encoder only, 16 latent channels at stride 16), so that checkpoint loads strictly into the
-``marvae`` config. The same class, at tiny sizes, is the CPU-trainable conv baseline, and with
-``gamma > 0`` it is the paper's "latent denoising applied to a conv VAE" variant (noise only, no masking).
+``marvae`` config. The same class, at tiny sizes, is the CPU-trainable conv baseline, and trained with
+``corruption.gamma > 0`` it is the paper's "latent denoising applied to a conv VAE" variant (noise only:
+it has no tokens to mask, ``num_tokens`` is None).
 
 Key layout (``i`` = level, 0 = full resolution; ``j`` = block)::
 
@@ -36,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..corruption import NOISE_DISTS, NOISE_TYPES, apply_noise, sample_noise_level
-from .base import DiagonalGaussian, Tokenizer, TokenizerOutput
+from .base import Tokenizer
 
 __all__ = [
     "CONVVAE_CONFIGS",
@@ -238,7 +238,7 @@ class Decoder(nn.Module):
 # The tokenizer
 # ---------------------------------------------------------------------------------------------
 class ConvVAE(Tokenizer):
-    """LDM/MAR KL-VAE as a ``Tokenizer``; ``gamma > 0`` adds l-DeTok latent noise in training mode.
+    """LDM/MAR KL-VAE as a ``Tokenizer``.
 
     ``attn_resolutions_*`` are feature-map sizes at the nominal input ``resolution`` (other input sizes
     work; they only decide which levels carry attention). ``stride = 2 ** (len(ch_mult) - 1)``.
@@ -258,11 +258,6 @@ class ConvVAE(Tokenizer):
         resolution: int = 256,
         z_channels: int = 16,
         embed_dim: int = 16,
-        gamma: float = 0.0,
-        noise_type: str = "interpolative",
-        noise_dist: str = "uniform",
-        noise_mean: float = 0.0,
-        noise_std: float = 1.0,
         norm_groups: int = 32,
         dropout: float = 0.0,
     ):
@@ -271,19 +266,15 @@ class ConvVAE(Tokenizer):
         attn_enc = tuple(int(r) for r in attn_resolutions_enc)
         attn_dec = tuple(int(r) for r in attn_resolutions_dec)
         self._validate(ch, ch_mult, num_res_blocks, attn_enc, attn_dec, resolution, z_channels, embed_dim,
-                       gamma, noise_type, noise_dist, noise_std, norm_groups, dropout)
+                       norm_groups, dropout)
         self.config = {
             "in_channels": in_channels, "out_channels": out_channels, "ch": ch, "ch_mult": ch_mult,
             "num_res_blocks": num_res_blocks, "attn_resolutions_enc": attn_enc,
             "attn_resolutions_dec": attn_dec, "resolution": resolution, "z_channels": z_channels,
-            "embed_dim": embed_dim, "gamma": gamma, "noise_type": noise_type, "noise_dist": noise_dist,
-            "noise_mean": noise_mean, "noise_std": noise_std, "norm_groups": norm_groups, "dropout": dropout,
+            "embed_dim": embed_dim, "norm_groups": norm_groups, "dropout": dropout,
         }
         self.stride = 2 ** (len(ch_mult) - 1)
         self.latent_channels = embed_dim
-        self.gamma = float(gamma)
-        self.noise_type, self.noise_dist = noise_type, noise_dist
-        self.noise_mean, self.noise_std = float(noise_mean), float(noise_std)
 
         # Registration order = official key order: encoder, decoder, quant_conv, post_quant_conv.
         self.encoder = Encoder(in_channels, ch, ch_mult, num_res_blocks, attn_enc, resolution,
@@ -303,8 +294,8 @@ class ConvVAE(Tokenizer):
             p.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
 
     @staticmethod
-    def _validate(ch, ch_mult, num_res_blocks, attn_enc, attn_dec, resolution, z_channels, embed_dim, gamma,
-                  noise_type, noise_dist, noise_std, norm_groups, dropout) -> None:
+    def _validate(ch, ch_mult, num_res_blocks, attn_enc, attn_dec, resolution, z_channels, embed_dim,
+                  norm_groups, dropout) -> None:
         if not ch_mult or min(ch_mult) < 1:
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult}")
         for name, v in (("ch", ch), ("num_res_blocks", num_res_blocks), ("resolution", resolution),
@@ -321,14 +312,6 @@ class ConvVAE(Tokenizer):
             if missing:
                 raise ValueError(f"{name} {missing} match no level; at resolution {resolution} the "
                                  f"levels are {sorted(levels, reverse=True)}")
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        if noise_type not in NOISE_TYPES:
-            raise ValueError(f"unknown noise_type {noise_type!r}; expected one of {NOISE_TYPES}")
-        if noise_dist not in NOISE_DISTS:
-            raise ValueError(f"unknown noise_dist {noise_dist!r}; expected one of {NOISE_DISTS}")
-        if noise_std <= 0:
-            raise ValueError(f"noise_std must be > 0, got {noise_std}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
@@ -345,34 +328,9 @@ class ConvVAE(Tokenizer):
         """Raw latents (B, embed_dim, h, w) -> images in [-1, 1] space (not clamped)."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        generator: torch.Generator | None = None,
-        noise_level: float | torch.Tensor | None = None,
-    ) -> TokenizerOutput:
-        """Training pass: posterior sample, then (training mode, ``gamma > 0``) latent noise, then decode.
-
-        In eval mode the posterior mean is decoded and nothing is corrupted. ``noise_level`` fixes t
-        (a float or a (B,) tensor) instead of drawing it; it only acts where noise is applied.
-        """
-        post: DiagonalGaussian = self.posterior(x)
-        z = post.sample(generator) if self.training else post.mean
-        t = None
-        if self.training and self.gamma > 0:
-            if noise_level is None:
-                t = sample_noise_level(z.shape[0], self.noise_dist, self.noise_mean, self.noise_std,
-                                       generator, device=z.device)
-            else:
-                t = torch.as_tensor(noise_level, dtype=z.dtype, device=z.device).expand(z.shape[0]).clone()
-            z = apply_noise(z, t, self.gamma, self.noise_type, generator)
-        recon = self.decode(z)
-        return TokenizerOutput(recon=recon, posterior=post, latents=z, mask=None, noise_level=t)
-
     def extra_repr(self) -> str:
         c = self.config
-        return (f"ch={c['ch']}, ch_mult={c['ch_mult']}, stride={self.stride}, embed_dim={c['embed_dim']}, "
-                f"gamma={self.gamma}, noise={self.noise_type}/{self.noise_dist}")
+        return f"ch={c['ch']}, ch_mult={c['ch_mult']}, stride={self.stride}, embed_dim={c['embed_dim']}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +358,7 @@ CONVVAE_CONFIGS: dict[str, dict] = {
 
 
 def build_convvae(name: str, **overrides) -> ConvVAE:
-    """A ``ConvVAE`` from a registry name; ``overrides`` replace config entries (e.g. ``gamma=3.0``)."""
+    """A ``ConvVAE`` from a registry name; ``overrides`` replace config entries (e.g. ``resolution=32``)."""
     if name not in CONVVAE_CONFIGS:
         raise ValueError(f"unknown ConvVAE config {name!r}; expected one of {sorted(CONVVAE_CONFIGS)}")
     cfg = dict(CONVVAE_CONFIGS[name])
@@ -442,7 +400,7 @@ def load_official_marvae(path, map_location="cpu", **overrides) -> ConvVAE:
     The file may hold ``{"model": sd}`` (MAR's layout), ``{"state_dict": sd}`` (LDM/Lightning) or the raw
     state dict. ``loss.*`` keys (an LDM training checkpoint's LPIPS/discriminator) are dropped, counted and
     reported in ``model.official_load_report``; any other missing, unexpected or mis-shaped key is an error
-    listing them. ``overrides`` change the config (a tiny variant in tests, or ``gamma`` for fine-tuning).
+    listing them. ``overrides`` change the config (a tiny variant in tests).
 
     Latent statistics: MAR feeds generators ``posterior.sample() * 0.2325`` with no mean shift, so the
     stats are set to mean 0, std 1 / 0.2325 in every channel; ``tokenize(x) == encode(x) * 0.2325``.

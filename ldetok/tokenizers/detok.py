@@ -7,9 +7,8 @@ Architecture as released (official ``models/detok.py``), so the released weights
 - decoder: linear C -> width, learned mask token scattered back into masked positions, + learned abs.
   position embedding -> RMSNorm -> blocks with RoPE -> RMSNorm -> 1x1 conv to p*p*3 per token,
   rearranged to the image -> 3x3 conv. No tanh: outputs live in [-1, 1] image space.
-- corruption (training only): posterior sample -> interpolative noise (1-t) z + t γ ε with t per sample
-  (official) on the visible latents; mask ratio max(0, U(-0.1, M)) once per batch (official) or per
-  sample (option).
+- corruption (training only) is not held here: ``ldetok.corruption.denoising_forward`` draws it and
+  calls ``posterior_visible`` / ``decode_visible`` with the kept-token indices.
 
 The 2D RoPE reproduces the released layout, which is not textbook RoPE: head_dim/4 log-spaced
 frequencies from 7 to 7e-4 (times 2π) over coordinates normalised to [0, 1], laid out as two copies
@@ -22,16 +21,14 @@ Reference: Yang et al., "Latent Denoising Makes Good Tokenizers" (ICLR 2026); MA
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .. import corruption as C
 from ..layers import Block, RMSNorm
-from .base import DiagonalGaussian, Tokenizer, TokenizerOutput
+from .base import DiagonalGaussian, Tokenizer
 
 __all__ = ["DeTokConfig", "DeTok", "SIZES", "detok_rope_table"]
 
@@ -60,29 +57,10 @@ class DeTokConfig:
     dec_depth: int = 12
     dec_heads: int = 12
     mlp_ratio: float = 4.0
-    # corruption (training only); the paper's recipe: gamma 3, interpolative, uniform t, M 0.7
-    gamma: float = 3.0
-    noise_type: str = "interpolative"  # or "additive"
-    noise_dist: str = "uniform"  # or "logit_normal"
-    noise_mean: float = 0.0  # logit-normal location (paper's best: 0.8)
-    noise_std: float = 1.0
-    max_mask_ratio: float = 0.7
-    mask_low: float = -0.1
-    mask_mode: str = "batch"  # "batch" (official: one ratio per forward) or "sample"
 
     def validate(self) -> "DeTokConfig":
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        if self.noise_type not in C.NOISE_TYPES:
-            raise ValueError(f"noise_type must be one of {C.NOISE_TYPES}, got {self.noise_type!r}")
-        if self.noise_dist not in C.NOISE_DISTS:
-            raise ValueError(f"noise_dist must be one of {C.NOISE_DISTS}, got {self.noise_dist!r}")
-        if self.mask_mode not in ("batch", "sample"):
-            raise ValueError(f"mask_mode must be 'batch' or 'sample', got {self.mask_mode!r}")
-        if not 0.0 <= self.max_mask_ratio < 1.0:
-            raise ValueError(f"max_mask_ratio must be in [0, 1), got {self.max_mask_ratio}")
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         for w, h in ((self.enc_width, self.enc_heads), (self.dec_width, self.dec_heads)):
             if w % h or (w // h) % 4:
                 raise ValueError(f"width {w} / heads {h} must give a head dim divisible by 4 (2D RoPE)")
@@ -206,7 +184,7 @@ class Decoder(_ViT):
 
 
 class DeTok(Tokenizer):
-    """l-DeTok tokenizer (see module docstring). ``cfg.gamma = 0, cfg.max_mask_ratio = 0`` is a plain ViT AE."""
+    """l-DeTok's ViT tokenizer (see module docstring); trained without corruption it is a plain ViT AE."""
 
     kind = "detok"
 
@@ -217,6 +195,7 @@ class DeTok(Tokenizer):
         self.latent_channels = cfg.latent_channels
         self.stride = cfg.patch_size
         self.grid = cfg.image_size // cfg.patch_size
+        self.num_tokens = self.grid * self.grid
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.apply(self._init_weights)
@@ -254,87 +233,26 @@ class DeTok(Tokenizer):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.to_tokens(z))
 
-    # ---- corrupted passes -------------------------------------------------------------------
-    def mask_tokens(self, batch: int, ratio, device, generator=None):
-        """Draw the MAE shuffle for ``ratio`` (float or (B,) tensor): (ids_keep, valid or None, mask)."""
-        dummy = torch.zeros(batch, self.grid * self.grid, 1, device=device)
-        kept, mask, ids_restore = C.random_masking(dummy, ratio, generator)
-        n_keep = kept.shape[1]
-        ids_keep = C.kept_indices(ids_restore, n_keep)
-        valid = None
-        if isinstance(ratio, torch.Tensor) and ratio.ndim > 0:
-            valid = torch.gather(mask, 1, ids_keep) < 0.5
-            if bool(valid.all()):
-                valid = None
-        return ids_keep, valid, mask
+    # ---- the denoising pass's view: tokens (B, K, C), K = the kept tokens ------------------------
+    def posterior_visible(self, x: torch.Tensor, keep=None) -> DiagonalGaussian:
+        """Posterior over the tokens at ``keep.ids_keep`` (all tokens when None), (B, K, C) along dim -1."""
+        ids, valid = (None, None) if keep is None else (keep.ids_keep, keep.valid)
+        return DiagonalGaussian(self.encoder(x, ids, valid), dim=-1)
 
-    def corrupted_forward(
-        self,
-        x: torch.Tensor,
-        mask_ratio=0.0,
-        noise_level=None,
-        gamma: Optional[float] = None,
-        noise_type: Optional[str] = None,
-        sample: bool = False,
-        generator: Optional[torch.Generator] = None,
-        noise: Optional[torch.Tensor] = None,
-    ) -> TokenizerOutput:
-        """Encode with masking at ``mask_ratio``, optionally sample, add noise at ``noise_level``, decode.
+    def decode_visible(self, z: torch.Tensor, keep=None) -> torch.Tensor:
+        """Visible latent tokens (B, K, C) -> image; masked positions get the mask token."""
+        return self.decoder(z, None, None) if keep is None else self.decoder(z, keep.ids_keep, keep.valid)
 
-        ``noise_level``: None (no noise), a float or a (B,) tensor. Works in any mode: the training
-        forward and the corruption figures/demo both go through here. ``noise`` may fix ε (B, K, C).
-        """
-        b = x.shape[0]
-        gamma = self.cfg.gamma if gamma is None else gamma
-        noise_type = noise_type or self.cfg.noise_type
-        ids_keep = valid = mask = None
-        ratio_t = None
-        if isinstance(mask_ratio, torch.Tensor) or mask_ratio > 0:
-            ids_keep, valid, mask = self.mask_tokens(b, mask_ratio, x.device, generator)
-            ratio_t = torch.as_tensor(mask_ratio, dtype=torch.float32).expand(b).to(x.device)
-        moments = self.encoder(x, ids_keep, valid)
-        post = DiagonalGaussian(moments, dim=-1)
-        z = post.sample(generator) if sample else post.mean
-        t = None
-        if noise_level is not None and gamma > 0:
-            t = torch.as_tensor(noise_level, dtype=z.dtype, device=z.device).expand(b)
-            z = C.apply_noise(z, t, gamma, noise_type, generator, noise)
-        recon = self.decoder(z, ids_keep, valid)
-        full = z
-        if ids_keep is not None:  # scatter the seen latents into the grid, zeros where masked
-            full = torch.zeros(b, self.grid * self.grid, z.shape[-1], device=z.device, dtype=z.dtype)
-            full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, z.shape[-1]), z)
-        return TokenizerOutput(recon, post, self.to_nchw(full), mask, t, ratio_t)
-
-    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> TokenizerOutput:
-        """Training pass (corrupted per the config when ``self.training``); a clean pass in eval mode."""
-        if not self.training:
-            return self.corrupted_forward(x)
-        cfg = self.cfg
-        ratio = 0.0
-        if cfg.max_mask_ratio > 0:
-            if cfg.mask_mode == "batch":
-                ratio = C.sample_mask_ratio(cfg.max_mask_ratio, cfg.mask_low, generator)
-            else:
-                ratio = C.sample_mask_ratio(cfg.max_mask_ratio, cfg.mask_low, generator, n=x.shape[0], device=x.device)
-                if bool((ratio == 0).all()):
-                    ratio = 0.0
-        t = None
-        if cfg.gamma > 0:
-            t = C.sample_noise_level(x.shape[0], cfg.noise_dist, cfg.noise_mean, cfg.noise_std, generator, x.device)
-        return self.corrupted_forward(x, ratio, t, sample=True, generator=generator)
+    def visible_to_nchw(self, z: torch.Tensor, keep=None) -> torch.Tensor:
+        """Visible tokens scattered into the latent grid (zeros where masked), NCHW."""
+        if keep is not None:
+            full = torch.zeros(z.shape[0], self.num_tokens, z.shape[-1], device=z.device, dtype=z.dtype)
+            z = full.scatter(1, keep.ids_keep.unsqueeze(-1).expand(-1, -1, z.shape[-1]), z)
+        return self.to_nchw(z)
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return (
-            f"image {c.image_size}, patch {c.patch_size}, latent {c.latent_channels}ch, "
-            f"gamma {c.gamma} ({c.noise_type}, t~{c.noise_dist}), mask <= {c.max_mask_ratio} ({c.mask_mode})"
-        )
-
-
-def count_kept(seq_len: int, ratio: float) -> int:
-    """ceil(L (1 - ratio)), the official keep count."""
-    return max(1, math.ceil(seq_len * (1 - ratio)))
+        return f"image {c.image_size}, patch {c.patch_size}, latent {c.latent_channels}ch"
 
 
 def size_config(enc: str, dec: str) -> dict:

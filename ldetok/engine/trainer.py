@@ -1,0 +1,245 @@
+"""The one training skeleton both trainers share: run folder, resume, logging, EMA, checkpoints, the loop,
+and the data stream.
+
+A subclass provides four things: ``build`` (data and model, returning the size of the training stream),
+``fetch`` (micro-batch data for dataset indices: runs in DataLoader workers, so it draws no randomness),
+``micro_step`` (one micro-batch's forward and loss) and ``finish`` (the export). Optional hooks:
+``extra_state`` / ``load_extra_state`` (more modules in the checkpoint), ``after_step`` (e.g. the
+discriminator's update), ``periodic`` (image grids), ``describe`` (the first log line), ``wrap_ddp``.
+
+Data: micro-batch number ``k`` of this rank is a pure function of ``k`` (``ResumableSampler``), fetched
+through a real ``torch.utils.data.DataLoader`` that honours ``run.num_workers`` (pinned memory and
+persistent workers on CUDA). Every random draw of training (corruption, posterior samples, flips of
+cached latents) comes from one per-rank generator in the training process, and random image flips in a
+dataset are seeded per micro-batch, so a resumed run continues bit for bit whatever the worker count.
+
+Exact resume: a checkpoint holds the model, EMA, optimizer(s), extra modules, the step, every RNG state
+(python, numpy, torch, CUDA, and the training generator); the data position follows from the step.
+Running again with a larger ``max_steps`` extends a finished run (the lr schedule is recomputed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import CheckpointManager
+from .common import autocast_ctx, ema_decay_at, gather_rng_states, load_resume_state
+from .distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed, unwrap_model
+from .ema import EMA
+from .logging import Progress, RunLogger
+from .optim import build_adamw, lr_at, param_groups, scaled_lr, set_lr
+from .sampler import ResumableSampler
+
+__all__ = ["Trainer", "StepBatches", "run_trainer"]
+
+
+class StepBatches(Dataset):
+    """Item ``k`` = the data of micro-batch ``k`` of one rank's stream: ``fetch(sampler's indices)``.
+
+    Torch's global RNG is forked and seeded from (seed, k) around each fetch, so a dataset's random
+    augmentation (an ImageFolder's flips) is the same in the training process and in any worker.
+    """
+
+    def __init__(self, fetch, sampler: ResumableSampler, seed: int):
+        self.fetch, self.sampler, self.seed = fetch, sampler, seed
+
+    def __len__(self) -> int:  # not used for iteration: the loader's sampler names the steps
+        return 2**62
+
+    def __getitem__(self, k: int):
+        bpe = self.sampler.batches_per_epoch
+        idx = self.sampler.batch(k // bpe, k % bpe)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + k) % (2**63))
+            return self.fetch(idx)
+
+
+class Trainer:
+    """The loop and its bookkeeping; see the module docstring for what a subclass adds."""
+
+    desc = "train"
+
+    def __init__(self, cfg, run_dir, dist: Optional[DistInfo] = None):
+        self.cfg = cfg = cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.dist = d = dist or init_distributed(cfg.run.device)
+        self.device = d.device
+        torch.manual_seed(cfg.run.seed + d.rank)
+        self.logger = RunLogger(self.run_dir, is_main=d.is_main, tensorboard=cfg.run.tensorboard,
+                                wandb_project=cfg.run.wandb_project)
+        n_data = self.build()
+        self._schedule(n_data)
+        self.model = self.build_model()
+        o = cfg.optim
+        self.ema = EMA(self.model, o.ema_decay)
+        self.opt = build_adamw(param_groups(self.model, o.weight_decay)[0], self.lr, o.weight_decay,
+                               betas=(o.beta1, o.beta2))
+        self.extra_optimizers: List[torch.optim.Optimizer] = self.build_extra_optimizers()
+        self.ddp = self.wrap_ddp() if d.distributed else self.model
+        # the training RNG: one stream per rank, saved in checkpoints
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1000 + d.rank)
+        self.step = 0
+        self.ckpts = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_ckpts, cfg.run.milestone_every)
+
+    # ---- subclass hooks -----------------------------------------------------------------------
+    def build(self) -> int:  # pragma: no cover - abstract
+        """Data (and anything the model needs); returns the number of items in the training stream."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fetch(self, indices: List[int]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def micro_step(self, batch) -> Tuple[torch.Tensor, Dict[str, float]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finish(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build_extra_optimizers(self) -> List[torch.optim.Optimizer]:
+        return []
+
+    def wrap_ddp(self) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def after_step(self, logs: Dict[str, float]) -> None:
+        pass
+
+    def periodic(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"training for {self.max_steps} steps, batch {self.cfg.optim.batch_size}, device {self.device}"
+
+    # ---- schedule -----------------------------------------------------------------------------
+    def _schedule(self, n_data: int) -> None:
+        o, d = self.cfg.optim, self.dist
+        if o.batch_size % (d.world_size * o.grad_accum):
+            raise ValueError(f"batch_size {o.batch_size} must be divisible by world_size x grad_accum "
+                             f"({d.world_size} x {o.grad_accum})")
+        self.micro_batch = o.batch_size // (d.world_size * o.grad_accum)
+        self.sampler = ResumableSampler(n_data, self.micro_batch, seed=self.cfg.run.seed, rank=d.rank,
+                                        world_size=d.world_size)
+        self.steps_per_epoch = max(1, n_data // o.batch_size)
+        self.max_steps = math.ceil(o.epochs * self.steps_per_epoch) if o.epochs is not None else o.max_steps
+        self.warmup_steps = int(o.warmup_frac * self.max_steps)
+        self.lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, o.batch_size)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def batches(self, start: int) -> Iterator[Any]:
+        """Micro-batches ``start, start + 1, ...`` up to the end of the run, through a DataLoader."""
+        end = self.max_steps * self.cfg.optim.grad_accum
+        workers = self.cfg.run.num_workers
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(StepBatches(self.fetch, self.sampler, self.cfg.run.seed), batch_size=None,
+                            sampler=range(start, end), num_workers=workers, pin_memory=cuda,
+                            persistent_workers=cuda and workers > 0)
+        return iter(loader)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def resume(self) -> bool:
+        state = load_resume_state(self.ckpts, self.cfg, self.dist, self.gen, self.logger.log_line, self.device)
+        if state is None:
+            return False
+        unwrap_model(self.model).load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.load_extra_state(state)
+        self.step = int(state["step"])
+        return True
+
+    def save(self) -> None:
+        rngs = gather_rng_states(self.gen)  # collective: every rank takes part
+        if self.dist.is_main:
+            self.ckpts.save(self.step, {"step": self.step, "model": unwrap_model(self.model).state_dict(),
+                                        "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                                        **self.extra_state(), "config": asdict(self.cfg), "rngs": rngs})
+        barrier()
+
+    # ---- one optimizer step -------------------------------------------------------------------
+    def train_step(self, data: Iterator[Any]) -> dict:
+        o = self.cfg.optim
+        lr = lr_at(self.step, self.max_steps, self.lr, self.warmup_steps, o.schedule, o.min_lr)
+        for opt in (self.opt, *self.extra_optimizers):
+            set_lr(opt, lr)
+        self.opt.zero_grad(set_to_none=True)
+        logs: Dict[str, float] = {}
+        for micro in range(o.grad_accum):
+            batch = next(data)
+            sync = micro == o.grad_accum - 1 or not self.dist.distributed
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                loss, micro_logs = self.micro_step(batch)
+                (loss / o.grad_accum).backward()
+            for k, v in micro_logs.items():
+                logs[k] = logs.get(k, 0.0) + v / o.grad_accum
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+        self.opt.step()
+        self.ema.update(self.model, decay=ema_decay_at(self.step, o.ema_decay, o.ema_warmup))
+        self.after_step(logs)
+        self.step += 1
+        logs.update(lr=lr, grad_norm=float(gnorm))
+        return logs
+
+    def autocast(self):
+        return autocast_ctx(self.device, self.cfg.run.precision)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if not self.resume() and self.dist.is_main:
+            self.logger.save_config(cfg)
+            self.logger.log_line(self.describe())
+        if self.step >= self.max_steps:
+            self.logger.log_line(f"run already at step {self.step} >= max_steps {self.max_steps}: nothing to train")
+        progress = Progress(self.max_steps, initial=self.step, desc=self.desc, is_main=self.dist.is_main,
+                            print_every=cfg.run.log_every, log_fn=self.logger.log_line)
+        data = self.batches(self.step * cfg.optim.grad_accum)
+        t_last, last_logged, smooth = time.time(), self.step, None
+        while self.step < self.max_steps:
+            logs = self.train_step(data)
+            smooth = logs["loss"] if smooth is None else 0.98 * smooth + 0.02 * logs["loss"]
+            logs["loss_smooth"] = smooth
+            progress.update(1, cfg.optim.batch_size, loss=f"{smooth:.4f}")
+            if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
+                now = time.time()
+                logs.update(img_per_s=progress.images_per_sec,
+                            sec_per_step=(now - t_last) / max(1, self.step - last_logged))
+                t_last, last_logged = now, self.step
+                self.logger.log(self.step, logs)
+            self.periodic()
+            if self.step % cfg.run.ckpt_every == 0 or self.step == self.max_steps:
+                self.save()
+        progress.close()
+        self.final_loss_smooth = smooth
+        return self.finish()
+
+
+def run_trainer(trainer_cls, cfg, run_dir) -> dict:
+    """Train (or resume, or extend) a run in ``run_dir``; a caller's process group (e.g. ``reproduce``
+    under torchrun) outlives the run, one made here is closed."""
+    owns_group = not is_distributed()
+    trainer = trainer_cls(cfg, run_dir)
+    try:
+        return trainer.fit()
+    finally:
+        if owns_group:
+            cleanup()
