@@ -26,16 +26,18 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from ldetok.corruption import CorruptionConfig, denoising_forward  # noqa: E402
 from ldetok.engine.optim import build_adamw, param_groups  # noqa: E402
 from ldetok.tokenizers import build  # noqa: E402
 
 
 def build_ours(a, dev):
-    tok = build(a.model, image_size=a.image_size, patch_size=a.patch, gamma=a.gamma, max_mask_ratio=a.mask).to(dev).train()
+    tok = build(a.model, image_size=a.image_size, patch_size=a.patch).to(dev).train()
+    corruption = CorruptionConfig(gamma=a.gamma, max_mask_ratio=a.mask)
     g = torch.Generator(device=dev).manual_seed(0)
 
     def fwd(x):
-        out = tok(x, generator=g)
+        out = denoising_forward(tok, x, corruption, g)
         return out.recon, out.posterior.kl()
 
     return tok, fwd
@@ -109,8 +111,9 @@ def main(argv=None):
         from ldetok.config import resolve_tokenizer_config
 
         c = resolve_tokenizer_config(a.preset)
-        a.model, a.image_size, a.patch, a.batch, a.gamma, a.mask = (c.model, c.image_size, c.patch_size,
-                                                                      c.batch_size, c.gamma, c.max_mask_ratio)
+        a.model, a.image_size, a.patch, a.batch, a.gamma, a.mask = (
+            c.model.name, c.model.image_size, c.model.patch_size, c.optim.batch_size, c.corruption.gamma,
+            c.corruption.max_mask_ratio)
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)

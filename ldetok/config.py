@@ -207,8 +207,9 @@ class GeneratorTrainConfig:
         self.run.validate(errs)
         if not self.tokenizer:
             errs.append("tokenizer=<tokenizer run folder> is required")
-        if self.model not in generators.available():
-            errs.append(f"model {self.model!r} is no generator; available: {', '.join(generators.available())}")
+        if generators.FAMILIES.get(self.model, self.model) not in generators.REGISTRY:
+            errs.append(f"model {self.model!r} is no generator; available: {', '.join(generators.available())} "
+                        f"(or a family, meaning its tiny size: {', '.join(generators.FAMILIES)})")
         if self.latents not in ("cache", "online"):
             errs.append(f"latents must be 'cache' or 'online', got {self.latents!r}")
         if self.sample_every < 0:

@@ -18,6 +18,9 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .corruption import CorruptionConfig
+from .eval.tokenizer import run_corruption as _run_corruption
+
 __all__ = ["project_root", "resolve", "run_dir", "save_fig", "log_metrics", "train_in_process_or_torchrun",
            "ensure_tokenizer", "ensure_generator", "has_tokenizer", "images", "psnr_sweep", "latent_summary",
            "loss_curves", "figure_path", "copy_figure", "preset_for", "tail_mean", "plot_sweep", "device", "corrupt_and_decode"]
@@ -182,6 +185,11 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def run_corruption(run) -> CorruptionConfig:
+    """The corruption settings a tokenizer run was trained with (read back from its folder)."""
+    return _run_corruption(run)
+
+
 def psnr_sweep(tokenizer, x: torch.Tensor, levels: Sequence[float] = (), ratios: Sequence[float] = (),
                gamma: float = 3.0, noise_type: str = "interpolative", seed: int = 18) -> dict:
     """PSNR (dB) of ``x`` against its decoded latents corrupted at each noise level and each mask ratio

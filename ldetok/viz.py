@@ -11,6 +11,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from . import corruption as C
+
 __all__ = ["to_numpy_image", "save_grid", "corruption_sweeps", "plot_corruption_sweeps"]
 
 
@@ -43,7 +45,8 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:
 def corruption_sweeps(tokenizer, x: torch.Tensor, levels: Sequence[float], ratios: Sequence[float],
                       gamma: float = 3.0, noise_type: str = "interpolative", seed: int = 18):
     """Decode ``x``'s latents corrupted at each noise level (one shared ε, as the official demo) and at
-    each mask ratio (masking in the encoder, mask tokens in the decoder).
+    each mask ratio (masking in the encoder, mask tokens in the decoder, through the denoising pass).
+    ``gamma`` and ``noise_type`` are the tokenizer run's own (``ldetok.eval.tokenizer.run_corruption``).
 
     Returns ``{"noise": (len(levels), B, C, H, W), "mask": (len(ratios), B, C, H, W)}`` in [-1, 1].
     """
@@ -51,17 +54,17 @@ def corruption_sweeps(tokenizer, x: torch.Tensor, levels: Sequence[float], ratio
     g = torch.Generator().manual_seed(seed)
     z = tokenizer.encode(x)
     eps = torch.randn(z.shape, generator=g).to(z)
-    from .corruption import apply_noise
-
-    noise = torch.stack([tokenizer.decode(apply_noise(z, t, gamma, noise_type, noise=eps)).clamp(-1, 1)
+    noise = torch.stack([tokenizer.decode(C.apply_noise(z, t, gamma, noise_type, noise=eps)).clamp(-1, 1)
                          for t in levels])
     masks = []
     for r in ratios:
-        if r <= 0 or not hasattr(tokenizer, "corrupted_forward"):
+        if r <= 0 or tokenizer.num_tokens is None:
             masks.append(tokenizer.decode(z).clamp(-1, 1))
         else:
             g = torch.Generator().manual_seed(seed)
-            masks.append(tokenizer.corrupted_forward(x, mask_ratio=float(r), generator=g).recon.clamp(-1, 1))
+            out = C.denoising_forward(tokenizer, x, C.CorruptionConfig.off(), g, draw=C.CorruptionDraw(float(r)),
+                                      sample=False)
+            masks.append(out.recon.clamp(-1, 1))
     return {"noise": noise, "mask": torch.stack(masks)}
 
 

@@ -42,7 +42,7 @@ STATS_IMAGES = 2000  # latent-statistics images of a quick tokenizer
 N_IMAGES = 2  # images per sweep figure
 N_PSNR = 64  # images for the PSNR curves
 N_TAU = 20000  # samples for the tau histograms
-GAMMA = 3.0  # noise scale of the corruption shown
+GAMMA = None  # noise scale of the corruption shown; None: the l-DeTok run's own (3 for the released detok_BB)
 INTERACTIVE = False  # True: ipywidgets sliders (papermill leaves it False)
 RUN_DIR = None  # default runs/notebooks/01_latent_corruption
 FIGURES_DIR = "figures"
@@ -91,9 +91,9 @@ if DETOK_PATH is not None:
     pairs = {"photos": {"l-DeTok (detok_BB)": load_official_detok(DETOK_PATH, model="detok_BB")},
              "fashion_mnist": {}}
     if VITOK_PATH is not None:
-        pairs["photos"]["AE (vitok-BB)"] = load_official_detok(VITOK_PATH, model="detok_BB", gamma=0.0,
-                                                               max_mask_ratio=0.0)
+        pairs["photos"]["AE (vitok-BB)"] = load_official_detok(VITOK_PATH, model="detok_BB")
     pairs["fashion_mnist"] = pairs["photos"]
+    trained_with = C.CorruptionConfig()  # the released detok-BB-gamm3.0-m0.7 recipe
 else:
     image_size = 32
     pairs = {
@@ -110,7 +110,10 @@ else:
                                           stats_images=STATS_IMAGES),
         },
     }
+    trained_with = nb.run_corruption(pairs["fashion_mnist"]["l-DeTok"])
     pairs = {ds: {name: load_tokenizer(p) for name, p in toks.items()} for ds, toks in pairs.items()}
+GAMMA = trained_with.gamma if GAMMA is None else GAMMA
+print("corruption shown: gamma =", GAMMA, "| the l-DeTok run was trained with:", trained_with.describe())
 pairs = {ds: {name: tok.to(dev).eval() for name, tok in toks.items()} for ds, toks in pairs.items()}
 data = {ds: nb.images(ds, max(N_IMAGES, N_PSNR), "test", image_size)[0].to(dev) for ds in pairs}
 for ds, toks in pairs.items():
@@ -124,7 +127,7 @@ for ds, toks in pairs.items():
 from IPython.display import Image, display  # noqa: E402
 
 for ds, toks in pairs.items():
-    for kind in ("interpolative", "additive"):
+    for kind in C.NOISE_TYPES:
         path = plot_corruption_sweeps(toks, data[ds][:N_IMAGES],
                                       nb.figure_path(f"nb01_{ds}_{kind}_sweep", FIGURES_DIR), levels=levels,
                                       ratios=levels, gamma=GAMMA, noise_type=kind, seed=SEED + 18,
@@ -179,7 +182,7 @@ if INTERACTIVE:
         plt.show()
 
     W.interact(show, dataset=list(pairs), t=W.FloatSlider(0.5, min=0, max=1, step=0.05),
-               mask_ratio=W.FloatSlider(0.5, min=0, max=0.95, step=0.05), noise_type=["interpolative", "additive"],
+               mask_ratio=W.FloatSlider(0.5, min=0, max=0.95, step=0.05), noise_type=list(C.NOISE_TYPES),
                index=W.IntSlider(0, min=0, max=max(0, N_IMAGES - 1)))
 else:
     print("headless run: sliders skipped (set INTERACTIVE = True in a live kernel)")

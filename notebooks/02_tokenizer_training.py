@@ -60,7 +60,7 @@ overrides = dict(max_steps=STEPS, seed=SEED, device=DEVICE, batch_size=BATCH_SIZ
                  log_every=LOG_EVERY, image_every=0, tensorboard=False)
 summary = nb.train_in_process_or_torchrun("tokenizer", PRESET, overrides, tok_run, NPROC)
 cfg = run_train_config(tok_run)
-print({k: cfg[k] for k in ("model", "dataset", "gamma", "max_mask_ratio", "noise_type", "noise_dist")}, summary["step"])
+print(cfg.model.name, cfg.data.dataset, "| corruption:", cfg.corruption.describe(), "| step", summary["step"])
 
 # %% [markdown]
 # ## Loss curves (from `metrics.jsonl`)

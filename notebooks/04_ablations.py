@@ -76,11 +76,12 @@ if MODE == "point":
     from ldetok.eval.tokenizer import run_train_config
 
     cfg = run_train_config(run / "tokenizer_run")
-    x, _ = nb.images(cfg["dataset"], N_EVAL, cfg.get("eval_split", "test"), cfg["image_size"], cfg["in_channels"])
+    x, _ = nb.images(cfg.data.dataset, N_EVAL, cfg.data.eval_split, cfg.model.image_size, cfg.model.in_channels)
     sweep = nb.psnr_sweep(tok, x, [0.0, 0.3, 0.5, 0.7], [0.5], EVAL_GAMMA, "interpolative", SEED)
     stats = nb.latent_summary(tok, x)
-    metrics = {"gamma": float(gamma), "max_mask_ratio": float(max_mask_ratio), "noise_type": noise_type,
-               "noise_dist": noise_dist, "steps": summary["step"], "final_loss": nb.tail_mean(run / "tokenizer_run"),
+    c = cfg.corruption  # what the run was trained with, read back from its folder
+    metrics = {"gamma": c.gamma, "max_mask_ratio": c.max_mask_ratio, "noise_type": c.noise_type,
+               "noise_dist": c.noise_dist, "steps": summary["step"], "final_loss": nb.tail_mean(run / "tokenizer_run"),
                "psnr_clean": sweep["psnr_noise"][0], "psnr_mask0.5": sweep["psnr_mask"][0],
                "latent_std": stats["std"], "latent_abs_mean": stats["abs_mean"], "latent_min": stats["min"],
                "latent_max": stats["max"]}

@@ -31,7 +31,7 @@ SEED = 0
 STEPS = 300  # steps of a quick tokenizer, only when a run is missing
 TOKENIZER_RUNS = ["runs/main/cpu-fmnist", "runs/main/cpu-fmnist-ae"]
 N_EVAL = 256
-GAMMA = 3.0
+EVAL_GAMMA = 3.0  # the noise scale every tokenizer is measured under (shared, so the curves compare)
 DENOISER = "sit"  # a generator family or registry name
 DENOISER_STEPS = 300
 DENOISER_BATCH = 128
@@ -54,7 +54,7 @@ runs = {Path(p).name: nb.ensure_tokenizer(p, nb.preset_for(p, PRESET), STEPS, ru
         for p in TOKENIZER_RUNS}
 toks = {name: load_tokenizer(p).eval() for name, p in runs.items()}
 cfgs = {name: run_train_config(p) for name, p in runs.items()}
-print({name: (c["dataset"], c["gamma"], c["max_mask_ratio"]) for name, c in cfgs.items()})
+print({name: (c.data.dataset, c.corruption.describe()) for name, c in cfgs.items()})
 
 # %% [markdown]
 # ## Reconstruction against noise level and mask ratio
@@ -63,14 +63,14 @@ print({name: (c["dataset"], c["gamma"], c["max_mask_ratio"]) for name, c in cfgs
 curves, stats = {}, {}
 for name, tok in toks.items():
     c = cfgs[name]
-    x, _ = nb.images(c["dataset"], N_EVAL, c.get("eval_split", "test"), c["image_size"], c["in_channels"])
-    curves[name] = nb.psnr_sweep(tok, x, levels, levels, GAMMA, "interpolative", SEED)
+    x, _ = nb.images(c.data.dataset, N_EVAL, c.data.eval_split, c.model.image_size, c.model.in_channels)
+    curves[name] = nb.psnr_sweep(tok, x, levels, levels, EVAL_GAMMA, "interpolative", SEED)
     stats[name] = nb.latent_summary(tok, x)
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 for name, c in curves.items():
     axes[0].plot(c["levels"], c["psnr_noise"], "o-", ms=3, label=name)
     axes[1].plot(c["ratios"], c["psnr_mask"], "o-", ms=3, label=name)
-axes[0].set(xlabel=f"t (interpolative, gamma={GAMMA:g})", ylabel="PSNR (dB)", title="latent noise")
+axes[0].set(xlabel=f"t (interpolative, gamma={EVAL_GAMMA:g})", ylabel="PSNR (dB)", title="latent noise")
 axes[1].set(xlabel="mask ratio", ylabel="PSNR (dB)", title="masking")
 for ax in axes:
     ax.grid(alpha=0.3)
@@ -122,7 +122,7 @@ metrics = {name: {"psnr_clean": curves[name]["psnr_noise"][0],
                   "psnr_t0.5": curves[name]["psnr_noise"][levels.index(0.5)],
                   "psnr_mask0.5": curves[name]["psnr_mask"][levels.index(0.5)],
                   "latent_std": stats[name]["std"], "latent_min": stats[name]["min"], "latent_max": stats[name]["max"],
-                  "denoise_loss": denoise[name]["final"], "gamma": cfgs[name]["gamma"],
-                  "max_mask_ratio": cfgs[name]["max_mask_ratio"]} for name in runs}
+                  "denoise_loss": denoise[name]["final"], "gamma": cfgs[name].corruption.gamma,
+                  "max_mask_ratio": cfgs[name].corruption.max_mask_ratio} for name in runs}
 print(nb.log_metrics({"tokenizers": metrics, "denoiser": DENOISER, "denoiser_steps": DENOISER_STEPS}, run))
 pd.DataFrame(metrics).T

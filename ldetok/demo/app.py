@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..corruption import NOISE_TYPES
 from . import core
 from .core import CUSTOM_SET, FMNIST_SET, PHOTO_SET, DemoError, DemoGenerator, DemoTokenizer
 
@@ -92,6 +93,7 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
         default_set = next((n for n, es in sets.items() if any(e.ok for e in es)), next(iter(sets)))
     if default_set not in sets:
         raise DemoError(f"default_set {default_set!r} is not one of {list(sets)}")
+    start = core.default_corruption(sets[default_set])  # the sliders start at the run's own settings
     from ..data import bundled_photos
 
     photo_names = list(bundled_photos())
@@ -186,10 +188,11 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
                                              visible=len(sets) > 1, elem_id="tokenizer-set")
                         with gr.Row():
                             t = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="noise level t", elem_id="t")
-                            gamma = gr.Slider(0.0, 6.0, value=3.0, step=0.5, label="γ (noise scale)", elem_id="gamma")
+                            gamma = gr.Slider(0.0, 6.0, value=start.gamma, step=0.5, label="γ (noise scale)",
+                                              elem_id="gamma")
                             mask = gr.Slider(0.0, 0.9, value=0.0, step=0.05, label="mask ratio", elem_id="mask")
                         with gr.Row():
-                            noise_type = gr.Radio(["interpolative", "additive"], value="interpolative",
+                            noise_type = gr.Radio(list(NOISE_TYPES), value=start.noise_type,
                                                   label="noise type", elem_id="noise-type")
                             seed = gr.Number(18, precision=0, label="seed", elem_id="seed")
                         gallery = gr.Gallery(label="input at the tokenizer's size | clean | corrupted | latents | "

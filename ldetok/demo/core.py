@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import corruption as C
+from ..eval.tokenizer import run_corruption
 from .images import (MAX_INPUT_SIDE, DemoError, InputImage, _to_uint8, bundled_photo, display_size,
                      fashion_mnist_choices, fashion_mnist_image, prepare_image, read_image, to_display,
                      to_model_input)
@@ -68,6 +69,7 @@ class DemoTokenizer:
     source: str
     tok: Optional[torch.nn.Module] = None
     error: Optional[str] = None
+    corruption: Optional[C.CorruptionConfig] = None  # what the tokenizer was trained with, when known
 
     @property
     def ok(self) -> bool:
@@ -116,11 +118,20 @@ def _official_model_and_label(p: Path) -> Tuple[str, str]:
     return model, p.stem
 
 
-def _run_label(d: Path, tok) -> str:
-    cfg = tok.config_dict()
-    g, m = cfg.get("gamma", 0.0), cfg.get("max_mask_ratio", 0.0)
+def _run_label(d: Path, corruption: C.CorruptionConfig) -> str:
     name = d.name if d.name != "tokenizer" else d.parent.name
-    return f"{name} (γ={g:g}, M={m:g})"
+    return f"{name} (γ={corruption.gamma:g}, M={corruption.max_mask_ratio:g})"
+
+
+def _released_corruption(p: Path) -> Optional[C.CorruptionConfig]:
+    """The released files' names carry their recipe: ``detok-BB-gamm3.0-m0.7`` (γ 3, M 0.7); ``vitok``: none."""
+    stem = p.stem.lower()
+    if stem.startswith("vitok"):
+        return C.CorruptionConfig.off()
+    g, m = re.search(r"gamm([0-9.]+)", stem), re.search(r"-m([0-9.]+)", stem)
+    if g and m:
+        return C.CorruptionConfig(gamma=float(g.group(1).rstrip(".")), max_mask_ratio=float(m.group(1).rstrip(".")))
+    return None
 
 
 def load_tokenizer_spec(spec) -> DemoTokenizer:
@@ -139,23 +150,34 @@ def load_tokenizer_spec(spec) -> DemoTokenizer:
     if not p.exists():
         raise DemoError(f"{p}: no such tokenizer (expected a run folder, an exported tokenizer folder or a "
                         f"released .pth file).{make}")
+    corruption = None
     try:
         if p.is_file() and p.suffix == ".ckpt":
-            tok, label = load_official_marvae(p), "MAR KL-16 VAE"
+            tok, label, corruption = load_official_marvae(p), "MAR KL-16 VAE", C.CorruptionConfig.off()
         elif p.is_file():
             model, label = _official_model_and_label(p)
-            tok = load_official_detok(p, model=model)
+            tok, corruption = load_official_detok(p, model=model), _released_corruption(p)
         else:
             try:
                 tok = load_tokenizer(p)
             except FileNotFoundError:
                 raise DemoError(f"{p}: holds no finished tokenizer (no tokenizer.json or tokenizer/tokenizer.json: "
                                 f"the trainer exports it when the run ends).{make}") from None
-            label = _run_label(p, tok)
-    except (OfficialCheckpointError, KeyError, RuntimeError, OSError) as e:
+            corruption = run_corruption(p)
+            label = _run_label(p, corruption)
+    except (OfficialCheckpointError, KeyError, RuntimeError, OSError, ValueError) as e:
         raise DemoError(f"{p}: could not be loaded as a tokenizer ({e})") from None
     tok = tok.eval().requires_grad_(False)
-    return DemoTokenizer(s.label or label, str(p), tok)
+    return DemoTokenizer(s.label or label, str(p), tok, corruption=corruption)
+
+
+def default_corruption(tokenizers: Sequence[DemoTokenizer]) -> C.CorruptionConfig:
+    """The sliders' starting settings: those of the first loaded tokenizer trained with noise (the
+    paper's recipe when none is)."""
+    for e in tokenizers:
+        if e.ok and e.corruption is not None and e.corruption.noise_on:
+            return e.corruption
+    return C.CorruptionConfig()
 
 
 def load_tokenizers(specs) -> List[DemoTokenizer]:
@@ -246,28 +268,25 @@ def check_settings(t: float, gamma: float, mask_ratio: float, noise_type: str, s
 
 
 def _corrupt(tok, x, t, gamma, mask_ratio, noise_type, generator, noise=None, notices=None, z_clean=None):
-    """(recon, corrupted latents NCHW, mask (B, L) or None). γ = 0 means no noise (as in training).
+    """(recon, corrupted latents NCHW, mask (B, L) or None) through the denoising pass with the sliders'
+    draw (``ldetok.corruption.denoising_forward``, posterior mean). γ = 0 means no noise (as in training).
 
-    Without masking, the cached clean latents are noised in token layout (the draws and values of
-    ``DeTok.corrupted_forward`` at mask ratio 0) and only the decoder runs: half the work per slider move.
+    Without masking, the cached clean latents are noised in the working layout (the same draws and values
+    as the denoising pass at mask ratio 0) and only the decoder runs: half the work per slider move.
     """
-    if mask_ratio <= 0 and z_clean is not None and hasattr(tok, "to_tokens") and hasattr(tok, "to_nchw"):
-        zt = tok.to_tokens(z_clean)
+    cfg = C.CorruptionConfig(noise_type=noise_type, gamma=gamma, max_mask_ratio=0.0)
+    if mask_ratio > 0 and tok.num_tokens is None:
+        if notices is not None:
+            notices.append("this tokenizer has no token masking: mask ratio ignored")
+        mask_ratio = 0.0
+    if mask_ratio <= 0 and z_clean is not None:
+        zt = tok.nchw_to_visible(z_clean)
         if gamma > 0:
             zt = C.apply_noise(zt, t, gamma, noise_type, generator, noise)
-        zc = tok.to_nchw(zt)
-        return tok.decode(zc).clamp(-1, 1), zc, None
-    if hasattr(tok, "corrupted_forward"):
-        out = tok.corrupted_forward(x, mask_ratio=mask_ratio, noise_level=t, gamma=gamma, noise_type=noise_type,
-                                    generator=generator, noise=noise)
-        return out.recon.clamp(-1, 1), out.latents, out.mask
-    # a tokenizer without token masking (the conv KL-VAE): latent noise only
-    if mask_ratio > 0 and notices is not None:
-        notices.append("this tokenizer has no token masking: mask ratio ignored")
-    z = tok.encode(x)
-    if gamma > 0:
-        z = C.apply_noise(z, t, gamma, noise_type, generator, noise)
-    return tok.decode(z).clamp(-1, 1), z, None
+        return tok.decode_visible(zt).clamp(-1, 1), tok.visible_to_nchw(zt), None
+    draw = C.CorruptionDraw(mask_ratio, torch.full((x.shape[0],), float(t)))
+    out = C.denoising_forward(tok, x, cfg, generator, draw=draw, sample=False, noise=noise)
+    return out.recon.clamp(-1, 1), out.latents, out.mask
 
 
 @torch.no_grad()
@@ -276,7 +295,7 @@ def corrupt_and_decode(tok, image, t: float = 0.5, gamma: float = 3.0, mask_rati
     """Decode the clean latents and the latents corrupted as the sliders say, at the tokenizer's size.
 
     Noise ``(1 - t) z + t γ ε`` (interpolative) or ``z + t γ ε`` (additive) on the visible latents;
-    MAE masking at ``mask_ratio`` in the encoder, mask tokens in the decoder (``DeTok.corrupted_forward``);
+    MAE masking at ``mask_ratio`` in the encoder, mask tokens in the decoder (the denoising pass);
     ε and the mask are drawn from ``seed``, so moving t keeps the same ε. ``tok`` is a ``DemoTokenizer``
     or a tokenizer; ``image`` anything ``prepare_image`` takes.
     """
@@ -427,16 +446,14 @@ def sweep_gallery(tokenizers: Sequence[DemoTokenizer], image, gamma: float = 3.0
         model = e.tok
         x = to_model_input(img.pixels, e.image_size, e.channels)
         z, clean = _clean_pass(model, x)
-        tokens = z.shape[-2] * z.shape[-1]
         g = torch.Generator().manual_seed(seed)
-        # the ε that corrupted_forward would draw first with this seed (mask ratio 0), shared by every t
-        eps_shape = (1, tokens, z.shape[1]) if hasattr(model, "corrupted_forward") else tuple(z.shape)
-        eps = torch.randn(eps_shape, generator=g)
+        # the ε the denoising pass would draw first with this seed (mask ratio 0), shared by every t
+        eps = torch.randn(model.nchw_to_visible(z).shape, generator=g)
         for tv in levels:
             rec, _, _ = _corrupt(model, x, float(tv), gamma, 0.0, noise_type, None, noise=eps, z_clean=z)
             items.append((to_display(_to_uint8(rec), display), _sweep_caption(e.name, "t", tv, tv == levels[0])))
         for rv in ratios:
-            if float(rv) <= 0 or not hasattr(model, "corrupted_forward"):
+            if float(rv) <= 0 or model.num_tokens is None:
                 rec = clean
             else:
                 g = torch.Generator().manual_seed(seed)

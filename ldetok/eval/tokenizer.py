@@ -14,7 +14,7 @@ import torch
 
 from ..corruption import interpolative_noise
 
-__all__ = ["evaluate_tokenizer_run", "lpips_or_reason", "run_train_config"]
+__all__ = ["evaluate_tokenizer_run", "lpips_or_reason", "run_train_config", "run_corruption"]
 
 
 def run_train_config(run_dir):
@@ -31,6 +31,29 @@ def run_train_config(run_dir):
     if (d / "config.json").exists():
         return config_from_dict(TokenizerTrainConfig, json.loads((d / "config.json").read_text()))
     raise FileNotFoundError(f"{d}: no tokenizer/tokenizer.json or config.json (is this a tokenizer run folder?)")
+
+
+def run_corruption(run_dir):
+    """The corruption settings a tokenizer run (or its export) was trained with (``CorruptionConfig``).
+
+    Read from the export's record, else the saved training config; exports written before corruption had
+    its own config kept the settings in the model config, and those are read too.
+    """
+    from ..config import TokenizerTrainConfig, config_from_dict
+    from ..corruption import CorruptionConfig
+    from ..tokenizers import LEGACY_CORRUPTION_KEYS
+
+    d = Path(run_dir)
+    for meta_path in (d / "tokenizer" / "tokenizer.json", d / "tokenizer.json"):
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("corruption"):
+                return CorruptionConfig.from_dict(meta["corruption"])
+            if meta.get("train_config"):
+                return config_from_dict(TokenizerTrainConfig, meta["train_config"]).corruption
+            legacy = {k: v for k, v in meta.get("config", {}).items() if k in LEGACY_CORRUPTION_KEYS}
+            return CorruptionConfig.from_dict(legacy)
+    return run_train_config(d).corruption
 
 
 def lpips_or_reason(device):

@@ -101,6 +101,10 @@ class Tokenizer(nn.Module):
     def visible_to_nchw(self, z: torch.Tensor, keep=None) -> torch.Tensor:
         return z
 
+    def nchw_to_visible(self, z: torch.Tensor) -> torch.Tensor:
+        """Clean NCHW latents in the working layout (all tokens visible)."""
+        return z
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Clean reconstruction (posterior mean), not clamped. Training goes through the denoising pass."""
         return self.decode(self.encode(x))

@@ -250,6 +250,9 @@ class DeTok(Tokenizer):
             z = full.scatter(1, keep.ids_keep.unsqueeze(-1).expand(-1, -1, z.shape[-1]), z)
         return self.to_nchw(z)
 
+    def nchw_to_visible(self, z: torch.Tensor) -> torch.Tensor:
+        return self.to_tokens(z)
+
     def extra_repr(self) -> str:
         c = self.cfg
         return f"image {c.image_size}, patch {c.patch_size}, latent {c.latent_channels}ch"
