@@ -160,6 +160,8 @@ class TokenizerTrainConfig:
             errs.append("stage=decoder_ft needs init_from=<tokenizer run or checkpoint>")
         if self.model.name not in tokenizers.available():
             errs.append(f"model {self.model.name!r} is no tokenizer; available: {', '.join(tokenizers.available())}")
+        elif self.corruption.masking_on and not tokenizers.can_mask(self.model.name):
+            errs.append(f"{self.model.name} has no tokens to mask: set max_mask_ratio=0")
         if self.data.dataset not in DATASETS:
             errs.append(f"dataset {self.data.dataset!r} is unknown; available: {', '.join(sorted(DATASETS))}")
         if self.losses.perceptual not in PERCEPTUAL_NAMES:

@@ -37,7 +37,6 @@ __all__ = [
     "random_masking",
     "kept_indices",
     "NOISE",
-    "NOISE_TYPES",
     "NOISE_DISTS",
     "MASK_MODES",
     "CorruptionConfig",
@@ -141,13 +140,12 @@ NOISE: Dict[str, Callable[..., torch.Tensor]] = {
     "interpolative": interpolative_noise,
     "additive": additive_noise,
 }
-NOISE_TYPES = tuple(NOISE)
 
 
 def apply_noise(z, t, gamma, kind: str = "interpolative", generator=None, noise=None) -> torch.Tensor:
     """Noise ``z`` at level ``t`` with the registered noise type ``kind``."""
     if kind not in NOISE:
-        raise ValueError(f"unknown noise type {kind!r}; expected one of {NOISE_TYPES}")
+        raise ValueError(f"unknown noise type {kind!r}; expected one of {tuple(NOISE)}")
     return NOISE[kind](z, t, gamma, generator, noise)
 
 
@@ -257,7 +255,7 @@ class CorruptionConfig:
     def validate(self) -> "CorruptionConfig":
         errs = []
         if self.noise_type not in NOISE:
-            errs.append(f"noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}")
+            errs.append(f"noise_type must be one of {tuple(NOISE)}, got {self.noise_type!r}")
         if self.noise_dist not in NOISE_DISTS:
             errs.append(f"noise_dist must be one of {NOISE_DISTS}, got {self.noise_dist!r}")
         if self.noise_dist == "logit_normal" and self.noise_std <= 0:
@@ -389,9 +387,10 @@ def denoising_forward(tok, x: torch.Tensor, cfg: Optional[CorruptionConfig] = No
         draw = draw_corruption(cfg, b, generator, x.device)
     ratio = draw.mask_ratio
     keep, ratio_t = None, None
-    if isinstance(ratio, torch.Tensor) or ratio > 0:
-        if tok.num_tokens is None:
-            raise ValueError(f"{type(tok).__name__} does not support masking: set max_mask_ratio=0")
+    wants_mask = isinstance(ratio, torch.Tensor) or ratio > 0
+    if tok.num_tokens is None and (wants_mask or cfg.masking_on):
+        raise ValueError(f"{type(tok).__name__} does not support masking: set max_mask_ratio=0")
+    if wants_mask:
         keep = mask_tokens(b, tok.num_tokens, ratio, generator, x.device)
         ratio_t = torch.as_tensor(ratio, dtype=torch.float32).expand(b).to(x.device)
     post = tok.posterior_visible(x, keep)

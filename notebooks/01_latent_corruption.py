@@ -127,7 +127,7 @@ for ds, toks in pairs.items():
 from IPython.display import Image, display  # noqa: E402
 
 for ds, toks in pairs.items():
-    for kind in C.NOISE_TYPES:
+    for kind in C.NOISE:
         path = plot_corruption_sweeps(toks, data[ds][:N_IMAGES],
                                       nb.figure_path(f"nb01_{ds}_{kind}_sweep", FIGURES_DIR), levels=levels,
                                       ratios=levels, gamma=GAMMA, noise_type=kind, seed=SEED + 18,
@@ -182,7 +182,7 @@ if INTERACTIVE:
         plt.show()
 
     W.interact(show, dataset=list(pairs), t=W.FloatSlider(0.5, min=0, max=1, step=0.05),
-               mask_ratio=W.FloatSlider(0.5, min=0, max=0.95, step=0.05), noise_type=list(C.NOISE_TYPES),
+               mask_ratio=W.FloatSlider(0.5, min=0, max=0.95, step=0.05), noise_type=list(C.NOISE),
                index=W.IntSlider(0, min=0, max=max(0, N_IMAGES - 1)))
 else:
     print("headless run: sliders skipped (set INTERACTIVE = True in a live kernel)")

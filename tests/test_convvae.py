@@ -1,4 +1,5 @@
-"""ConvVAE: shapes, corruption only in training, the MAR KL-16 layout, and strict official loading."""
+"""ConvVAE: shapes, the clean forward and the (noise-only) denoising pass, the MAR KL-16 layout, and strict
+official loading."""
 
 import logging
 import math
@@ -7,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldetok.tokenizers.base import DiagonalGaussian, TokenizerOutput
+from ldetok.corruption import CorruptionConfig, CorruptionDraw, DenoisingOutput, denoising_forward, draw_corruption
+from ldetok.tokenizers.base import DiagonalGaussian
 from ldetok.tokenizers.convvae import (
     CONVVAE_CONFIGS,
     MAR_SCALE_FACTOR,
@@ -111,11 +113,15 @@ def _layout_for(name):
 # ---------------------------------------------------------------------------------------------
 # Shapes and the training pass
 # ---------------------------------------------------------------------------------------------
+NOISE_ONLY = CorruptionConfig(gamma=3.0, max_mask_ratio=0.0)
+
+
 def test_tiny_forward_backward_shapes(gen):
-    model = _tiny(gamma=3.0).train()
+    model = _tiny().train()
+    assert model.num_tokens is None  # no tokens to mask
     x = _images(2)
-    out = model(x, generator=gen)
-    assert isinstance(out, TokenizerOutput)
+    out = denoising_forward(model, x, NOISE_ONLY, gen)
+    assert isinstance(out, DenoisingOutput)
     assert out.recon.shape == x.shape
     assert out.latents.shape == (2, 16, 4, 4)
     assert out.mask is None and out.mask_ratio is None
@@ -139,67 +145,113 @@ def test_latent_shape_and_stride():
         model.encode_moments(torch.zeros(1, 3, 36, 36))
     f16 = build_convvae("convvae_tiny_f16")
     assert f16.stride == 16 and f16.latent_shape(32) == (16, 2, 2)
-    assert f16(_images(1)).recon.shape == (1, 3, 32, 32)
+    assert f16(_images(1)).shape == (1, 3, 32, 32)
 
 
-def test_eval_mode_is_clean(gen):
-    model = _tiny(gamma=3.0).eval()
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_forward_is_clean_in_any_mode(mode):
+    model = _tiny().train(mode == "train")
     x = _images(2)
     with torch.no_grad():
-        a, b = model(x, generator=gen), model(x)
+        a, b = model(x), model(x)
         z = model.encode(x)
         post = model.posterior(x)
-    assert a.noise_level is None and b.noise_level is None
-    torch.testing.assert_close(a.recon, b.recon, rtol=0, atol=0)
-    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
-    torch.testing.assert_close(a.latents, z, rtol=0, atol=0)
+        # the denoising pass with nothing drawn, through the posterior mean, is the same reconstruction
+        out = denoising_forward(model, x, NOISE_ONLY, draw=CorruptionDraw(0.0, None), sample=False)
+    assert out.noise_level is None and out.mask is None
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(z, post.mean, rtol=0, atol=0)
-    torch.testing.assert_close(a.recon, model.decode(z).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(a, model.decode(z), rtol=0, atol=0)
+    torch.testing.assert_close(out.latents, z, rtol=0, atol=0)
+    torch.testing.assert_close(out.recon, a, rtol=0, atol=0)
     assert (model.reconstruct(x).abs() <= 1).all()
 
 
 def test_training_noise_changes_latents_per_sample():
     x = _images(4)
-    model = _tiny(gamma=3.0).train()
+    model = _tiny().train()
     with torch.no_grad():
-        out = model(x, generator=torch.Generator().manual_seed(5))
-        again = model(x, generator=torch.Generator().manual_seed(5))
-        clean = _tiny(gamma=0.0).train()(x, generator=torch.Generator().manual_seed(5))
+        out = denoising_forward(model, x, NOISE_ONLY, torch.Generator().manual_seed(5))
+        again = denoising_forward(model, x, NOISE_ONLY, torch.Generator().manual_seed(5))
+        clean = denoising_forward(model, x, CorruptionConfig.off(), torch.Generator().manual_seed(5))
     t = out.noise_level
     assert t is not None and t.shape == (4,) and ((t >= 0) & (t <= 1)).all()
     assert len(set(t.tolist())) == 4  # one level per sample
     torch.testing.assert_close(out.latents, again.latents)  # seeded: reproducible
-    # gamma 0: posterior sample, no noise, no t; gamma 3 with the same seed differs from it.
+    torch.testing.assert_close(out.recon, again.recon)
+    # gamma 0: posterior sample (the first draw), no noise, no t; gamma 3 with the same seed differs from it.
     assert clean.noise_level is None
+    torch.testing.assert_close(clean.latents, clean.posterior.sample(torch.Generator().manual_seed(5)))
     assert not torch.allclose(out.latents, clean.latents)
-    # the noise is interpolative around the *posterior sample*: recompute with the same draws
-    g = torch.Generator().manual_seed(5)
-    z = out.posterior.sample(g)
-    t2 = torch.rand(4, generator=g)
-    eps = torch.randn(z.shape, generator=g)
-    tb = t2.view(-1, 1, 1, 1)
-    torch.testing.assert_close(out.latents, (1 - tb) * z + tb * 3.0 * eps)
+
+
+def test_training_noise_matches_hand_computation():
+    """The ConvVAE's training pass at t > 0, by hand from the same seed: t ~ U(0, 1) first, then the
+    posterior sample z, then ε; the decoder sees (1 - t) z + t γ ε."""
+    x = _images(3, seed=4)
+    model = _tiny().train()
+    with torch.no_grad():
+        out = denoising_forward(model, x, NOISE_ONLY, torch.Generator().manual_seed(11))
+        g = torch.Generator().manual_seed(11)
+        t = torch.rand(3, generator=g)
+        post = model.posterior(x)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        eps = torch.randn(z.shape, generator=g)
+        tb = t.view(-1, 1, 1, 1)
+        zt = (1 - tb) * z + tb * 3.0 * eps
+        recon = model.decode(zt)
+    assert (t > 0.05).all()  # a real noise level for every sample, not the t = 0 corner
+    torch.testing.assert_close(out.noise_level, t, rtol=0, atol=0)
+    torch.testing.assert_close(out.posterior.mean, post.mean, rtol=0, atol=0)
+    torch.testing.assert_close(out.latents, zt)
+    torch.testing.assert_close(out.recon, recon)
+    assert not torch.allclose(out.recon, model.decode(z), atol=1e-3)  # the noise reached the decoder
+
+
+@pytest.mark.parametrize("seed, draws_zero", [(0, False), (3, True)])
+def test_masking_is_refused(seed, draws_zero):
+    """The conv VAE has no tokens: a masking config is refused whatever ratio a step happens to draw
+    (seed 3 draws ratio 0 for this config, which must not let the config through)."""
+    model = _tiny().train()
+    x = _images(2)
+    cfg = CorruptionConfig(gamma=3.0, max_mask_ratio=0.5)
+    ratio = draw_corruption(cfg, 2, torch.Generator().manual_seed(seed)).mask_ratio
+    assert (ratio == 0) == draws_zero
+    with pytest.raises(ValueError, match="masking"):
+        denoising_forward(model, x, cfg, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("ratio", [0.3, torch.tensor([0.0, 0.5])])
+def test_fixed_mask_ratio_is_refused(ratio):
+    model = _tiny()
+    with pytest.raises(ValueError, match="masking"):
+        denoising_forward(model, _images(2), NOISE_ONLY, draw=CorruptionDraw(ratio, None))
 
 
 def test_noise_options_and_fixed_level():
     x = _images(2)
-    model = _tiny(gamma=2.0, noise_type="additive", noise_dist="logit_normal", noise_mean=0.8).train()
+    model = _tiny().train()
+    cfg = CorruptionConfig(gamma=2.0, noise_type="additive", noise_dist="logit_normal", noise_mean=0.8,
+                           max_mask_ratio=0.0)
+    draw = CorruptionDraw(0.0, torch.zeros(2))
     with torch.no_grad():
-        out = model(x, generator=torch.Generator().manual_seed(0), noise_level=0.0)
-        ref = model(x, generator=torch.Generator().manual_seed(0), noise_level=0.0)
+        out = denoising_forward(model, x, cfg, torch.Generator().manual_seed(0), draw=draw)
+        ref = denoising_forward(model, x, cfg, torch.Generator().manual_seed(0), draw=draw)
+        half = denoising_forward(model, x, cfg, torch.Generator().manual_seed(0),
+                                 draw=CorruptionDraw(0.0, torch.full((2,), 0.5)))
     torch.testing.assert_close(out.noise_level, torch.zeros(2))
     torch.testing.assert_close(out.latents, ref.latents)
-    # t = 0 additive noise leaves the posterior sample unchanged
+    # t = 0 additive noise leaves the posterior sample unchanged (a fixed draw draws no t)
     g = torch.Generator().manual_seed(0)
-    torch.testing.assert_close(out.latents, out.posterior.sample(g))
+    z = out.posterior.sample(g)
+    torch.testing.assert_close(out.latents, z)
+    # t = 0.5 additive noise: z + t γ ε with ε the draw after the posterior sample
+    torch.testing.assert_close(half.latents, z + 0.5 * 2.0 * torch.randn(z.shape, generator=g))
 
 
 @pytest.mark.parametrize(
     "bad, match",
     [
-        ({"noise_type": "mult"}, "noise_type"),
-        ({"noise_dist": "beta"}, "noise_dist"),
-        ({"gamma": -1.0}, "gamma"),
         ({"norm_groups": 7}, "norm_groups"),
         ({"attn_resolutions_enc": (5,)}, "attn_resolutions_enc"),
         ({"ch_mult": ()}, "ch_mult"),
@@ -208,6 +260,12 @@ def test_noise_options_and_fixed_level():
 def test_bad_config_is_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         build_convvae("convvae_tiny", **bad)
+
+
+def test_corruption_is_no_constructor_argument():
+    for key in ("gamma", "noise_type", "max_mask_ratio"):
+        with pytest.raises(TypeError, match=key):
+            build_convvae("convvae_tiny", **{key: 1.0})
 
 
 def test_unknown_name_and_override():
@@ -480,9 +538,9 @@ class _NotATensor:
 def test_loaded_parameters_are_trainable_leaves(tmp_path):
     path = tmp_path / "kl16.ckpt"
     torch.save({"model": _official_sd()}, path)
-    model = load_official_marvae(path, gamma=3.0, **TINY).train()
+    model = load_official_marvae(path, **TINY).train()
     params = dict(model.named_parameters())
     assert len(params) == len(_official_sd())
     assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad and p.is_leaf for p in params.values())
-    model(_images(1), generator=torch.Generator().manual_seed(0)).recon.mean().backward()
+    denoising_forward(model, _images(1), NOISE_ONLY, torch.Generator().manual_seed(0)).recon.mean().backward()
     assert model.decoder.conv_out.weight.grad is not None

@@ -14,27 +14,38 @@ import pytest
 import torch
 from PIL import Image
 
+from ldetok import corruption as C
+from ldetok.corruption import CorruptionConfig, CorruptionDraw, denoising_forward
 from ldetok.demo import core
 from ldetok.demo.core import DemoError
 
 # ------------------------------------------------------------------ fixtures
 
 
-def _save_tiny(directory, seed, **overrides):
+def _save_tiny(directory, seed, corruption=None, legacy=False, **overrides):
+    """An export as the trainer writes it (its corruption settings in ``corruption``), or, with ``legacy``,
+    as exports were written when the model config held them."""
     from ldetok.tokenizers import build, save_tokenizer
 
     torch.manual_seed(seed)
     tok = build("detok_MM", **overrides)
     tok.set_latent_stats(0.0, 1.0)
-    return save_tokenizer(tok, directory)
+    if not legacy:
+        return save_tokenizer(tok, directory, extra=None if corruption is None else {"corruption": corruption.to_dict()})
+    d = save_tokenizer(tok, directory)
+    meta = json.loads((d / "tokenizer.json").read_text())
+    meta["config"].update(corruption.to_dict())
+    (d / "tokenizer.json").write_text(json.dumps(meta))
+    return d
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_toks")
     return {
-        "detok": _save_tiny(root / "detok" / "tokenizer", 0, gamma=3.0, max_mask_ratio=0.7),  # a run-folder layout
-        "ae": _save_tiny(root / "ae", 1, gamma=0.0, max_mask_ratio=0.0),
+        # a run-folder layout
+        "detok": _save_tiny(root / "detok" / "tokenizer", 0, CorruptionConfig(gamma=3.0, max_mask_ratio=0.7)),
+        "ae": _save_tiny(root / "ae", 1, CorruptionConfig.off(), legacy=True),
         "big": _save_tiny(root / "big", 2, image_size=64, patch_size=16),  # another size: 64 px, 4x4 tokens
     }
 
@@ -63,6 +74,13 @@ def test_load_tokenizers_names_and_sizes(toks, tiny_dirs):
     assert toks[1].name == "AE"  # LABEL=PATH
     assert toks[0].image_size == 32 and toks[0].channels == 3
     assert not any(p.requires_grad for p in toks[0].tok.parameters())
+    # the corruption each was trained with: from the export's record, or a legacy export's model config
+    assert toks[0].corruption == CorruptionConfig(gamma=3.0, max_mask_ratio=0.7)
+    assert toks[1].corruption == CorruptionConfig.off()
+    assert core.load_tokenizer_spec(str(tiny_dirs["ae"])).name == "ae (γ=0, M=0)"
+    # the sliders start at the first tokenizer trained with noise, else at the paper's recipe
+    assert core.default_corruption(toks[::-1]) == toks[0].corruption
+    assert core.default_corruption(toks[1:]) == CorruptionConfig()
 
 
 def test_missing_checkpoint_clear_error_naming_the_path(tmp_path):
@@ -90,11 +108,13 @@ def test_released_checkpoint_layout(tmp_path):
 
     torch.manual_seed(0)
     state = {k: v for k, v in build("detok_MM").state_dict().items() if k not in Tokenizer.STATS_KEYS}
-    for name, label in (("detok-MM-gamm3.0-m0.7-decoder_tuned.pth", "l-DeTok MM decoder-tuned"),
-                        ("vitok-MM.pth", "ViTok MM (γ=0, M=0)")):
+    for name, label, corruption in (
+            ("detok-MM-gamm3.0-m0.7-decoder_tuned.pth", "l-DeTok MM decoder-tuned",
+             CorruptionConfig(gamma=3.0, max_mask_ratio=0.7)),
+            ("vitok-MM.pth", "ViTok MM (γ=0, M=0)", CorruptionConfig.off())):
         torch.save({"model": state, "model_ema": state}, tmp_path / name)
         entry = core.load_tokenizer_spec(str(tmp_path / name))
-        assert entry.name == label and entry.image_size == 32
+        assert entry.name == label and entry.image_size == 32 and entry.corruption == corruption
         assert core.corrupt_and_decode(entry, np.zeros((40, 40, 3), np.uint8)).clean.shape == (32, 32, 3)
 
 
@@ -113,17 +133,41 @@ def test_psnr_at_t0_equals_clean_psnr(toks, photo):
         assert r.input.shape == r.clean.shape == (32, 32, 3) and r.mask is None
 
 
-def test_unmasked_fast_path_equals_corrupted_forward(toks, photo):
+def _denoising_pass(tok, x, t, gamma, mask_ratio, noise_type, seed):
+    """The demo's settings as one denoising pass: a fixed draw, the posterior mean."""
+    cfg = CorruptionConfig(noise_type=noise_type, gamma=gamma, max_mask_ratio=0.0)
+    draw = CorruptionDraw(mask_ratio, torch.full((x.shape[0],), t))
+    with torch.no_grad():
+        return denoising_forward(tok, x, cfg, torch.Generator().manual_seed(seed), draw=draw, sample=False)
+
+
+def test_unmasked_fast_path_equals_the_denoising_pass(toks, photo):
     """Without masking the demo noises the cached clean latents and runs only the decoder; the result
-    must be DeTok.corrupted_forward's (same ε draw from the seed, same values)."""
+    must be the denoising pass's at the same draw (same ε from the seed, same values)."""
     tok = toks[0].tok
     x = core.to_model_input(photo.pixels, 32)
     for noise_type in ("interpolative", "additive"):
         r = core.corrupt_and_decode(toks[0], photo, t=0.6, gamma=3.0, mask_ratio=0.0, noise_type=noise_type, seed=7)
-        with torch.no_grad():
-            ref = tok.corrupted_forward(x, 0.0, 0.6, 3.0, noise_type, generator=torch.Generator().manual_seed(7))
+        ref = _denoising_pass(tok, x, 0.6, 3.0, 0.0, noise_type, 7)
         assert np.abs(r.corrupted.astype(int) - core._to_uint8(ref.recon).astype(int)).max() <= 1
         torch.testing.assert_close(r.z_corrupted, ref.latents[0], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_path_is_the_denoising_pass(toks, photo):
+    tok = toks[0].tok
+    x = core.to_model_input(photo.pixels, 32)
+    r = core.corrupt_and_decode(toks[0], photo, t=0.3, gamma=3.0, mask_ratio=0.5, seed=4)
+    ref = _denoising_pass(tok, x, 0.3, 3.0, 0.5, "interpolative", 4)
+    assert np.array_equal(r.corrupted, core._to_uint8(ref.recon.clamp(-1, 1)))
+    torch.testing.assert_close(r.z_corrupted, ref.latents[0], rtol=0, atol=0)
+    assert torch.equal(r.mask.flatten(), ref.mask[0] > 0.5)
+
+
+def test_a_registered_noise_type_is_offered(toks, photo, monkeypatch):
+    """A noise type registered in ldetok.corruption.NOISE is usable from the demo."""
+    monkeypatch.setitem(C.NOISE, "scaled", lambda z, t, gamma, generator=None, noise=None: z * (1 + t * gamma))
+    r = core.corrupt_and_decode(toks[0], photo, t=0.5, gamma=1.0, mask_ratio=0.0, noise_type="scaled", seed=0)
+    torch.testing.assert_close(r.z_corrupted, 1.5 * r.z_clean)
 
 
 def test_corruption_changes_output_and_is_seeded(toks, photo):
@@ -252,11 +296,12 @@ def test_prepare_demo_tokenizers_trains_both_presets(tmp_path, monkeypatch):
     assert runs == [tmp_path / "cpu-photos", tmp_path / "cpu-photos-ae"]
     assert len(calls) == 1  # the finished one is kept
     cfg, run = calls[0]
-    assert run == tmp_path / "cpu-photos" and cfg.dataset == "photos" and cfg.max_steps == 800
-    assert (cfg.gamma, cfg.max_mask_ratio) == (3.0, 0.7)
+    assert run == tmp_path / "cpu-photos" and cfg.data.dataset == "photos" and cfg.optim.max_steps == 800
+    assert cfg.corruption == CorruptionConfig(gamma=3.0, max_mask_ratio=0.7)
     calls.clear()
     core.prepare_demo_tokenizers(tmp_path, steps=900, log=lambda s: None)
-    assert [(c.gamma, c.max_mask_ratio) for c, _ in calls] == [(3.0, 0.7), (0.0, 0.0)]
+    assert [c.corruption for c, _ in calls] == [CorruptionConfig(gamma=3.0, max_mask_ratio=0.7),
+                                                CorruptionConfig.off()]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldetok.corruption import CorruptionConfig
 from ldetok.engine.logging import read_metrics
 from ldetok.tokenizers import load_tokenizer
 
@@ -121,4 +122,24 @@ def test_decoder_finetuning_freezes_encoder(tmp_path):
     assert all(torch.equal(enc0[k], enc1[k]) for k in enc0)
     assert any(not torch.equal(a, b) for (k, a), (_, b) in zip(t0.state_dict().items(), t1.state_dict().items())
                if k.startswith("decoder."))
-    assert t1.cfg.gamma == 0.0 and t1.cfg.max_mask_ratio == 0.0
+    # it trained with corruption off, although its config keeps the recipe the encoder was trained with
+    assert "corruption: no noise; no masking" in r.stdout
+    from ldetok.config import resolve_tokenizer_config
+    from ldetok.engine.tokenizer_trainer import TokenizerTrainer
+
+    cfg = resolve_tokenizer_config("cpu-fmnist", dict(stage="decoder_ft", init_from=str(base), max_steps=4,
+                                                      batch_size=16, stats_images=64, tensorboard=False))
+    assert cfg.corruption == CorruptionConfig(gamma=3.0, max_mask_ratio=0.7)
+    trainer = TokenizerTrainer(cfg, tmp_path / "probe")
+    try:
+        assert trainer.corruption == CorruptionConfig.off() and trainer.pass_.cfg == CorruptionConfig.off()
+        x = trainer.x_vis[:4]
+        with torch.no_grad():
+            out = trainer.pass_(x, generator=torch.Generator().manual_seed(0))
+            clean = trainer.model.posterior(x).mean
+        assert out.mask is None and out.noise_level is None
+        # the frozen encoder sees every token: the pass's posterior is the clean one
+        assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if n.startswith("encoder."))
+        assert torch.equal(out.posterior.mean, trainer.model.nchw_to_visible(clean))
+    finally:
+        trainer.logger.close()

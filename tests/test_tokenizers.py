@@ -1,13 +1,16 @@
-"""l-DeTok tokenizer: registry, shapes, corruption only in training, official layout and a
-float64 reference computation of the released architecture, checkpoints."""
+"""l-DeTok tokenizer: registry, shapes, the clean forward and the denoising pass through its token view,
+official layout and a float64 reference computation of the released architecture, checkpoints."""
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ldetok import corruption as C
 from ldetok import tokenizers as T
+from ldetok.corruption import CorruptionConfig, CorruptionDraw, denoising_forward
 from ldetok.tokenizers import DeTok, build
 
 TINY = dict(image_size=16, patch_size=4, latent_channels=6, enc_width=32, enc_depth=2, enc_heads=2,
@@ -29,11 +32,17 @@ def test_official_sizes_build_on_meta(name):
         assert tok.num_params() == 171_712_628
 
 
+def fixed(tok, x, ratio=0.0, t=None, generator=None, **cfg):
+    """The denoising pass at a fixed draw, through the posterior mean (the figures' and demo's pass)."""
+    draw = CorruptionDraw(ratio, None if t is None else torch.full((x.shape[0],), float(t)))
+    return denoising_forward(tok, x, CorruptionConfig.off().with_(**cfg), generator, draw=draw, sample=False)
+
+
 @pytest.mark.parametrize("name", ["detok_MM", "detok_MT", "detok_TT"])
 def test_cpu_sizes_forward_backward(name):
     tok = build(name)
     x = torch.randn(3, 3, 32, 32)
-    out = tok(x, generator=torch.Generator().manual_seed(0))
+    out = denoising_forward(tok, x, CorruptionConfig(), torch.Generator().manual_seed(0))
     assert out.recon.shape == x.shape
     assert out.latents.shape == (3, 16, 4, 4)
     (out.recon.square().mean() + out.posterior.kl().mean()).backward()
@@ -46,39 +55,52 @@ def test_any_size_patch_and_channels():
     x = torch.randn(2, 1, 24, 24)
     assert tok.encode(x).shape == (2, 4, 4, 4) and tok.latent_shape(24) == (4, 4, 4)
     assert tok.decode(tok.encode(x)).shape == x.shape
+    assert tok.num_tokens == 16
     with pytest.raises(ValueError):
         tok.latent_shape(25)
     with pytest.raises(ValueError):
         DeTok(**{**TINY, "image_size": 18})
 
 
-def test_eval_mode_is_clean_and_deterministic():
+def test_corruption_is_no_tokenizer_field():
+    for key, value in (("gamma", 3.0), ("max_mask_ratio", 0.7), ("noise_type", "additive")):
+        with pytest.raises(TypeError, match=key):
+            tiny(**{key: value})
+
+
+def test_forward_is_clean_and_deterministic_in_any_mode():
     tok = tiny().eval()
     x = torch.randn(4, 3, 16, 16)
     a, b = tok(x), tok(x)
-    assert a.mask is None and a.noise_level is None
-    assert torch.equal(a.recon, b.recon)
-    assert torch.equal(a.recon, tok.decode(tok.encode(x)))
-    # encode never corrupts, even in training mode
+    assert torch.equal(a, b)
+    assert torch.equal(a, tok.decode(tok.encode(x)))
+    # the denoising pass with nothing drawn (no mask, no noise, posterior mean) is the same reconstruction
+    out = fixed(tok, x)
+    assert out.mask is None and out.noise_level is None and out.mask_ratio is None
+    assert torch.equal(out.recon, a)
+    assert torch.equal(out.latents, tok.encode(x))
+    # neither forward nor encode corrupts in training mode
     tok.train()
+    assert torch.equal(tok(x), a)
     assert torch.equal(tok.encode(x), tok.posterior(x).mean)
 
 
-def test_training_forward_is_seeded_and_corrupted():
-    tok = tiny(gamma=3.0, max_mask_ratio=0.7).train()
+def test_training_pass_is_seeded_and_corrupted():
+    tok = tiny().train()
+    cfg = CorruptionConfig(gamma=3.0, max_mask_ratio=0.7)
     x = torch.randn(4, 3, 16, 16)
-    o1 = tok(x, generator=torch.Generator().manual_seed(3))
-    o2 = tok(x, generator=torch.Generator().manual_seed(3))
-    o3 = tok(x, generator=torch.Generator().manual_seed(4))
+    o1 = denoising_forward(tok, x, cfg, torch.Generator().manual_seed(3))
+    o2 = denoising_forward(tok, x, cfg, torch.Generator().manual_seed(3))
+    o3 = denoising_forward(tok, x, cfg, torch.Generator().manual_seed(4))
     assert torch.equal(o1.recon, o2.recon) and not torch.equal(o1.recon, o3.recon)
     assert o1.noise_level.shape == (4,) and len(set(o1.noise_level.tolist())) == 4
 
 
 def test_plain_autoencoder_variant_has_no_corruption():
-    tok = tiny(gamma=0.0, max_mask_ratio=0.0).train()
+    tok = tiny().train()
     x = torch.randn(2, 3, 16, 16)
     g = torch.Generator().manual_seed(0)
-    out = tok(x, generator=g)
+    out = denoising_forward(tok, x, CorruptionConfig.off(), g)
     assert out.mask is None and out.noise_level is None
     # only the posterior sampling (in token layout) differs from the clean pass
     post = T.DiagonalGaussian(tok.encoder(x), dim=-1)
@@ -89,20 +111,27 @@ def test_plain_autoencoder_variant_has_no_corruption():
 def test_masked_forward_with_empty_mask_equals_unmasked():
     tok = tiny().eval()
     x = torch.randn(3, 3, 16, 16)
-    ref = tok.corrupted_forward(x, mask_ratio=0.0).recon
+    ref = fixed(tok, x, 0.0).recon
     # a per-sample ratio of all zeros keeps every token (a full shuffle, no mask token)
-    got = tok.corrupted_forward(x, mask_ratio=torch.zeros(3), generator=torch.Generator().manual_seed(1)).recon
-    assert torch.allclose(got, ref, atol=1e-5)
+    got = fixed(tok, x, torch.zeros(3), generator=torch.Generator().manual_seed(1))
+    assert got.mask is not None and got.mask.sum() == 0
+    assert torch.allclose(got.recon, ref, atol=1e-5)
 
 
 def test_masking_drops_tokens_from_encoder_and_uses_mask_token():
     tok = tiny().eval()
     x = torch.randn(2, 3, 16, 16)
-    out = tok.corrupted_forward(x, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    out = fixed(tok, x, 0.5, generator=torch.Generator().manual_seed(0))
     assert out.mask.sum(1).tolist() == [8, 8]
+    assert out.mask_ratio.tolist() == [0.5, 0.5]
     masked = out.mask.bool()
     lat = out.latents.flatten(2).transpose(1, 2)
     assert torch.all(lat[masked] == 0)
+    # the visible tokens' latents are those of an encoder that only saw the visible tokens
+    keep = C.mask_tokens(2, tok.num_tokens, 0.5, torch.Generator().manual_seed(0))
+    z = tok.posterior_visible(x, keep).mean
+    assert torch.equal(tok.visible_to_nchw(z, keep), out.latents)
+    assert torch.equal(tok.decode_visible(z, keep), out.recon)
 
 
 def test_per_sample_masking_matches_per_sample_batches():
@@ -110,16 +139,31 @@ def test_per_sample_masking_matches_per_sample_batches():
     tok = tiny().eval()
     x = torch.randn(2, 3, 16, 16)
     ratios = torch.tensor([0.25, 0.75])
-    g = torch.Generator().manual_seed(5)
-    out = tok.corrupted_forward(x, mask_ratio=ratios, generator=g)
+    out = fixed(tok, x, ratios, generator=torch.Generator().manual_seed(5))
     # rebuild the same shuffle and run sample 1 alone with exactly its kept tokens
-    g = torch.Generator().manual_seed(5)
-    ids_keep, valid, mask = tok.mask_tokens(2, ratios, x.device, g)
-    n1 = int((mask[1] == 0).sum())
-    ids1 = ids_keep[1:2, :n1]
+    keep = C.mask_tokens(2, tok.num_tokens, ratios, torch.Generator().manual_seed(5), x.device)
+    assert torch.equal(keep.mask, out.mask) and keep.valid is not None
+    n1 = int((keep.mask[1] == 0).sum())
+    ids1 = keep.ids_keep[1:2, :n1]
     z = tok.encoder(x[1:2], ids1)[..., : tok.latent_channels]
     alone = tok.decoder(z, ids1)
     assert torch.allclose(out.recon[1:2], alone, atol=1e-5)
+
+
+def test_noise_acts_on_the_visible_tokens():
+    """Noise at a fixed t on masked tokens: (1 - t) z + t γ ε on the encoder's visible latents, with the
+    mask shuffle drawn first, then ε, from one generator."""
+    tok = tiny().eval()
+    x = torch.randn(2, 3, 16, 16)
+    out = fixed(tok, x, 0.5, 0.4, torch.Generator().manual_seed(2), gamma=3.0)
+    g = torch.Generator().manual_seed(2)
+    keep = C.mask_tokens(2, tok.num_tokens, 0.5, g)
+    z = tok.posterior_visible(x, keep).mean
+    eps = torch.randn(z.shape, generator=g)
+    zt = 0.6 * z + 0.4 * 3.0 * eps
+    torch.testing.assert_close(out.latents, tok.visible_to_nchw(zt, keep))
+    torch.testing.assert_close(out.recon, tok.decode_visible(zt, keep))
+    torch.testing.assert_close(out.noise_level, torch.full((2,), 0.4))
 
 
 def test_normalisation_round_trip_and_stats():
@@ -139,7 +183,7 @@ def test_normalisation_round_trip_and_stats():
 
 
 def test_save_load_round_trip(tmp_path):
-    tok = tiny(gamma=1.5, noise_dist="logit_normal", noise_mean=0.8)
+    tok = tiny(mlp_ratio=2.0, latent_channels=6)
     tok.set_latent_stats(torch.arange(6.0), torch.ones(6) * 2)
     T.save_tokenizer(tok, tmp_path / "tok")
     back = T.load_tokenizer(tmp_path / "tok")
@@ -150,6 +194,24 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back.eval().tokenize(x), tok.eval().tokenize(x))
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         T.load_tokenizer(tmp_path / "nothing")
+
+
+def test_exports_with_legacy_corruption_keys_still_load(tmp_path):
+    """Exports written when the model config held the corruption settings load (those keys are dropped)."""
+    tok = tiny()
+    d = T.save_tokenizer(tok, tmp_path / "old")
+    meta = json.loads((d / "tokenizer.json").read_text())
+    legacy = dict(gamma=1.5, noise_type="additive", noise_dist="logit_normal", noise_mean=0.8, noise_std=1.0,
+                  max_mask_ratio=0.5, mask_low=-0.1, mask_mode="sample")
+    assert set(legacy) == set(T.LEGACY_CORRUPTION_KEYS)
+    meta["config"].update(legacy)
+    (d / "tokenizer.json").write_text(json.dumps(meta))
+    back = T.load_tokenizer(d)
+    assert back.cfg == tok.cfg
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(back(x), tok.eval()(x))
+    with pytest.raises(TypeError):  # any other unknown key is still refused
+        T.build_from_config("detok", {**tok.config_dict(), "colour": 3})
 
 
 def test_registry_errors():

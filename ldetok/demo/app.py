@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Union
 
-from ..corruption import NOISE_TYPES
+from ..corruption import NOISE
 from . import core
 from .core import CUSTOM_SET, FMNIST_SET, PHOTO_SET, DemoError, DemoGenerator, DemoTokenizer
 
@@ -192,7 +192,7 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
                                               elem_id="gamma")
                             mask = gr.Slider(0.0, 0.9, value=0.0, step=0.05, label="mask ratio", elem_id="mask")
                         with gr.Row():
-                            noise_type = gr.Radio(list(NOISE_TYPES), value=start.noise_type,
+                            noise_type = gr.Radio(list(NOISE), value=start.noise_type,
                                                   label="noise type", elem_id="noise-type")
                             seed = gr.Number(18, precision=0, label="seed", elem_id="seed")
                         gallery = gr.Gallery(label="input at the tokenizer's size | clean | corrupted | latents | "

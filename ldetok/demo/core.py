@@ -262,8 +262,8 @@ def check_settings(t: float, gamma: float, mask_ratio: float, noise_type: str, s
         raise DemoError(f"gamma must be in [0, 100], got {gamma}")
     if not 0.0 <= mask_ratio < 1.0:
         raise DemoError(f"mask ratio must be in [0, 1), got {mask_ratio}")
-    if noise_type not in C.NOISE_TYPES:
-        raise DemoError(f"noise type must be one of {', '.join(C.NOISE_TYPES)}, got {noise_type!r}")
+    if noise_type not in C.NOISE:
+        raise DemoError(f"noise type must be one of {', '.join(C.NOISE)}, got {noise_type!r}")
     return t, gamma, mask_ratio, noise_type, seed_i % (2**63)
 
 

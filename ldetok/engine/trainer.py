@@ -149,9 +149,10 @@ class Trainer:
         end = self.max_steps * self.cfg.optim.grad_accum
         workers = self.cfg.run.num_workers
         cuda = self.device.type == "cuda"
+        # its own generator: creating the iterator would otherwise draw worker seeds from the global RNG
         loader = DataLoader(StepBatches(self.fetch, self.sampler, self.cfg.run.seed), batch_size=None,
                             sampler=range(start, end), num_workers=workers, pin_memory=cuda,
-                            persistent_workers=cuda and workers > 0)
+                            persistent_workers=cuda and workers > 0, generator=torch.Generator())
         return iter(loader)
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -31,6 +31,7 @@ __all__ = [
     "available",
     "build",
     "build_sized",
+    "can_mask",
     "build_from_config",
     "save_tokenizer",
     "load_tokenizer",
@@ -81,6 +82,11 @@ def build(name: str, **overrides) -> Tokenizer:
 
         return build_convvae(name, **overrides)
     raise KeyError(f"unknown tokenizer {name!r}; available: {', '.join(available())}")
+
+
+def can_mask(name: str) -> bool:
+    """Whether a registry tokenizer can mask tokens (the ViT tokenizers; the conv VAE has no tokens)."""
+    return name in REGISTRY
 
 
 def build_sized(name: str, image_size: int, patch_size: int, in_channels: int, latent_channels: int) -> Tokenizer:
