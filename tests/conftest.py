@@ -26,7 +26,9 @@ CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 def require(condition, what: str) -> None:
     """Go on when ``condition`` holds; else skip (locally) or fail (under ``CI=true``), naming ``what``:
-    the missing prerequisite and how to install it. Usable in tests, fixtures and at module level."""
+    the missing prerequisite and how to install it. Usable in tests, fixtures and at module level (where a
+    CI failure is a collection error that stops the run: prefer a fixture)."""
+    __tracebackhide__ = True  # report the test's line, not this one
     if condition:
         return
     if CI:
@@ -36,6 +38,7 @@ def require(condition, what: str) -> None:
 
 def require_module(name: str, how: str):
     """The imported module ``name``, or ``require``'s skip / CI failure naming it and ``how`` to install it."""
+    __tracebackhide__ = True
     try:
         return importlib.import_module(name)
     except ImportError as e:
