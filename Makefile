@@ -32,21 +32,20 @@ install: $(VENV)/.installed
 #   data     Fashion-MNIST, Debian's dataset-fashion-mnist (MIT): make run, make test, make notebooks
 #   browser  chromium and chromium-driver: the demo's headless browser test (make test only)
 # The bundled photos ship inside scikit-image, scikit-learn and matplotlib (pip).
-have_data    = $(BIN)/python -m ldetok.data --check >/dev/null
+have_data    = $(BIN)/python -m ldetok.data --check
 have_browser = command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser; } >/dev/null
 debs_data    = dataset-fashion-mnist
 debs_browser = chromium chromium-driver
-# $(call apt_prereqs,data browser): check each; apt-get update + install only the packages of the missing
-# ones (sudo only when not root); then check again and fail naming whatever is still missing.
+# $(call apt_prereqs,data browser): check each; when some are missing, apt-get update + install their
+# packages (sudo only when not root), check again and fail naming whatever is still missing.
 apt_prereqs = need=""; \
 	$(foreach p,$1,$(have_$p) || need="$$need $(debs_$p)";) \
-	if [ -n "$$need" ]; then \
+	[ -z "$$need" ] || { \
 	  echo "installing Debian packages:$$need"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; \
-	fi; \
-	$(foreach p,$1,$(have_$p) || { echo "still missing after apt-get: $(debs_$p)" >&2; exit 1; };) \
-	$(BIN)/python -m ldetok.data --check
+	  $(foreach p,$1,$(have_$p) >/dev/null || { echo "still missing after apt-get: $(debs_$p)" >&2; exit 1; };) \
+	}
 
 data: install  # what make run and make notebooks need
 	@$(call apt_prereqs,data)
