@@ -1,8 +1,9 @@
 # The two set-up commands of the README, each working on a fresh machine from nothing:
 #   make run    - create .venv, install, make sure the default data is there, run the main job
 #                 (ldetok main = ldetok reproduce --preset cpu-quick + figures + the table)
-#   make test   - create .venv, install .[all], run the test suite
-# Other targets: install, data, notebooks, lab, clean.
+#   make test   - create .venv, install .[all], install the Debian packages the tests need (Fashion-MNIST,
+#                 Chromium and its driver) when missing, run the test suite
+# Other targets: install, data, prereqs, notebooks, lab, clean.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +15,7 @@ export GRADIO_ANALYTICS_ENABLED ?= False
 export TORCH_HOME ?= $(CURDIR)/.cache/torch
 export MPLBACKEND ?= Agg
 
-.PHONY: run test install data clean
+.PHONY: run test install data prereqs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,19 +28,35 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (MIT); the bundled photos ship
-# inside scikit-image, scikit-learn and matplotlib.
-data: install
-	@$(BIN)/python -m ldetok.data --check || { \
-	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+# ---- system prerequisites: Debian packages, installed when missing ----------------------------
+#   data     Fashion-MNIST, Debian's dataset-fashion-mnist (MIT): make run, make test, make notebooks
+#   browser  chromium and chromium-driver: the demo's headless browser test (make test only)
+# The bundled photos ship inside scikit-image, scikit-learn and matplotlib (pip).
+have_data    = $(BIN)/python -m ldetok.data --check
+have_browser = command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser; } >/dev/null
+debs_data    = dataset-fashion-mnist
+debs_browser = chromium chromium-driver
+# $(call apt_prereqs,data browser): check each; when some are missing, apt-get update + install their
+# packages (sudo only when not root), check again and fail naming whatever is still missing.
+apt_prereqs = need=""; \
+	$(foreach p,$1,$(have_$p) || need="$$need $(debs_$p)";) \
+	[ -z "$$need" ] || { \
+	  echo "installing Debian packages:$$need"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
-	  $(BIN)/python -m ldetok.data --check; }
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; \
+	  $(foreach p,$1,$(have_$p) >/dev/null || { echo "still missing after apt-get: $(debs_$p)" >&2; exit 1; };) \
+	}
+
+data: install  # what make run and make notebooks need
+	@$(call apt_prereqs,data)
+
+prereqs: install  # everything make test needs
+	@$(call apt_prereqs,data browser)
 
 run: data
 	$(BIN)/ldetok main --out $(RUN_DIR)
 
-test: install
+test: prereqs
 	$(BIN)/python -m pytest -q
 
 clean:

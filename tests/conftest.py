@@ -1,5 +1,7 @@
-"""Test-wide environment: offline, no analytics, a project-local TORCH_HOME, few threads."""
+"""Test-wide environment: offline, no analytics, a project-local TORCH_HOME, few threads; and
+``require``, the one gate for a test's prerequisites (data, browser, optional packages)."""
 
+import importlib
 import os
 from pathlib import Path
 
@@ -16,6 +18,31 @@ import torch  # noqa: E402
 # One intra-op thread: tiny test tensors gain nothing from two, and a loaded machine makes two threads
 # (per process) dramatically slower through oversubscription.
 torch.set_num_threads(1)
+
+# Under CI every prerequisite is installed (`make test` installs them), so a missing one is a broken
+# set-up: the test fails, naming it, instead of skipping. Only CUDA tests skip there.
+CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(condition, what: str) -> None:
+    """Go on when ``condition`` holds; else skip (locally) or fail (under ``CI=true``), naming ``what``:
+    the missing prerequisite and how to install it. Usable in tests, fixtures and at module level (where a
+    CI failure is a collection error that stops the run: prefer a fixture)."""
+    __tracebackhide__ = True  # report the test's line, not this one
+    if condition:
+        return
+    if CI:
+        pytest.fail(f"missing prerequisite: {what} (CI is set: the test must run, not skip)", pytrace=False)
+    pytest.skip(f"missing prerequisite: {what}", allow_module_level=True)
+
+
+def require_module(name: str, how: str):
+    """The imported module ``name``, or ``require``'s skip / CI failure naming it and ``how`` to install it."""
+    __tracebackhide__ = True
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        require(False, f"Python package {name!r} ({how}; import failed: {e})")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import require
 from ldetok import data
 from ldetok.data import (
     CIFAR10,
@@ -121,10 +122,9 @@ def test_fashion_mnist_missing_and_bad_args(tmp_path, no_system_fmnist):
 
 
 def test_real_fashion_mnist():
-    if data.find_fashion_mnist(None, "train") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI installs dataset-fashion-mnist, yet it was not found: " + str(data.FASHION_SYSTEM_GLOBS))
-        pytest.skip("dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+    require(data.find_fashion_mnist(None, "train") is not None,
+            f"Fashion-MNIST in {data.FASHION_SYSTEM_GLOBS} (`make test` installs the Debian package "
+            "dataset-fashion-mnist; or apt-get install dataset-fashion-mnist)")
     assert data.ensure_default_data().is_dir()
     train, test = FashionMNIST(split="train"), FashionMNIST(split="test", channels=3)
     assert train.images_uint8.shape == (60000, 28, 28) and len(test) == 10000

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import require_module
 from ldetok import corruption as C
 from ldetok.corruption import CorruptionConfig, CorruptionDraw, denoising_forward
 from ldetok.demo import core
@@ -354,8 +355,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_dirs, gen_run):
-    pytest.importorskip("gradio")
-    gradio_client = pytest.importorskip("gradio_client")
+    require_module("gradio", "pip install -e '.[demo]'")
+    gradio_client = require_module("gradio_client", "pip install -e '.[demo]'")
     from ldetok.demo.app import build_app, serve
 
     sets = {core.CUSTOM_SET: core.load_tokenizers([str(tiny_dirs["detok"].parent), str(tiny_dirs["big"]),

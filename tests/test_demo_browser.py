@@ -1,8 +1,8 @@
 """The demo in a real browser: headless Chromium driven through chromedriver (selenium), on loopback.
 
-Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package (dev extra); without
-them the test is skipped, unless the environment variable ``CI`` is set, where it fails. No browser
-is ever downloaded: selenium is pointed at the system chromium and chromedriver.
+Needs Debian's ``chromium`` and ``chromium-driver`` (``make test`` installs them) and the ``selenium``
+package (dev extra); without them the test is skipped, and under ``CI=true`` it fails (``require``). No
+browser is ever downloaded: selenium is pointed at the system chromium and chromedriver.
 
 It loads the page, moves the noise-level slider with the keyboard, checks that the corrupted output
 changes (and the clean one does not), and saves ``figures/demo.png`` for the README. The tokenizers are
@@ -13,7 +13,6 @@ from ``make run``: the screenshot then shows trained models), tiny untrained one
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import socket
 import time
@@ -24,15 +23,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import require
+
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "figures" / "demo.png"
-# shared/research/offline.md: what runs headless on these machines, with nothing reaching the network
+# headless, sandbox-free (root in a container), nothing reaching the network
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                   "--window-size=1400,1250", "--hide-scrollbars"]
 
 
-def _browser_or_skip():
+def _browser():
+    """(chromium, chromedriver) paths; every missing piece named at once through ``require``."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     missing = [] if chromium else ["chromium (apt-get install chromium)"]
@@ -41,12 +43,8 @@ def _browser_or_skip():
     try:
         import selenium  # noqa: F401
     except ImportError:
-        missing.append("selenium (pip install selenium; in the dev extra)")
-    if missing:
-        msg = "the browser test needs " + ", ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(msg + " (CI is set: the browser test must run)")
-        pytest.skip(msg)
+        missing.append("selenium (pip install -e '.[dev]')")
+    require(not missing, "the browser test needs " + ", ".join(missing))
     return chromium, driver
 
 
@@ -78,7 +76,7 @@ def _fetch(url: str) -> np.ndarray:
 
 
 def test_slider_moves_change_the_output_and_screenshot(tmp_path, monkeypatch):
-    chromium, driver_path = _browser_or_skip()
+    chromium, driver_path = _browser()
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service

@@ -224,10 +224,18 @@ def test_p_sample_loop_is_seeded_and_takes_noise():
     a = chain.p_sample_loop(model, (4, 3), generator=torch.Generator().manual_seed(3))
     b = chain.p_sample_loop(model, (4, 3), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b)
-    noise = torch.randn(4, 3)
-    c = chain.p_sample_loop(model, (4, 3), noise=noise, temperature=0.0)  # deterministic with temperature 0
-    d = chain.p_sample_loop(model, (4, 3), noise=noise, temperature=0.0)
+    other = chain.p_sample_loop(model, (4, 3), generator=torch.Generator().manual_seed(4))
+    assert (other - a).abs().min() > 1e-4  # another seed: other draws in every entry
+    # given x_T, the generator only feeds the per-step noise: with temperature 0 it no longer matters,
+    # while x_T still does
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(5))
+    c = chain.p_sample_loop(model, (4, 3), noise=noise, temperature=0.0, generator=torch.Generator().manual_seed(3))
+    d = chain.p_sample_loop(model, (4, 3), noise=noise, temperature=0.0, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(c, d)
+    e = chain.p_sample_loop(model, (4, 3), noise=noise + 1.0, temperature=0.0)
+    assert (e - c).abs().min() > 1e-4
+    warm = chain.p_sample_loop(model, (4, 3), noise=noise, generator=torch.Generator().manual_seed(3))
+    assert (warm - c).abs().min() > 1e-4  # temperature 1: the per-step noise moves every entry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,10 +333,12 @@ def test_sde_sampler_reaches_gaussian_data(form):
     x = sde_sample(_gaussian_velocity(mu, s), x0, steps=250, generator=g, diffusion_form=form)
     assert x.mean().item() == pytest.approx(mu, abs=0.05)
     assert x.std().item() == pytest.approx(s, abs=0.05)
-    # the noise is seeded: same generator state, same samples
+    # the noise is seeded: same generator state, same samples; another seed, other samples
     a = sde_sample(_gaussian_velocity(mu, s), x0[:8], steps=20, generator=torch.Generator().manual_seed(5))
     b = sde_sample(_gaussian_velocity(mu, s), x0[:8], steps=20, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b)
+    c = sde_sample(_gaussian_velocity(mu, s), x0[:8], steps=20, generator=torch.Generator().manual_seed(6))
+    assert (c - a).abs().min() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +389,9 @@ def test_diffloss_forward_batch_mul_and_mask(gen):
     rows = d.row_losses(target, z, generator=torch.Generator().manual_seed(0))
     assert rows.shape == (15,)
     torch.testing.assert_close(loss, rows.mean())
+    # the generator draws the timesteps and noise: another seed gives other row losses
+    other = d.row_losses(target, z, generator=torch.Generator().manual_seed(1))
+    assert (other - rows).abs().min() > 1e-6
     mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
     masked = d(target, z, mask, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(masked, rows[mask.repeat(3).bool()].mean())
@@ -402,6 +415,8 @@ def test_diffloss_grad_checkpointing_matches(gen):
     la.backward()
     lb.backward()
     torch.testing.assert_close(la, lb)
+    with torch.no_grad():  # the equality is not that of a loss that ignores its draws
+        assert (b(target, z, generator=torch.Generator().manual_seed(2)) - lb).abs() > 1e-6
     torch.testing.assert_close(a.net.input_proj.weight.grad, b.net.input_proj.weight.grad)
 
 
@@ -439,6 +454,7 @@ def test_diffloss_sample_and_cfg(gen):
     # cfg == 1 is the plain ancestral loop of the sampling diffusion
     ref = d.gen_diffusion.p_sample_loop(d.net, (6, 3), model_kwargs=dict(c=z), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(x, ref)
+    assert (d.sample(z, generator=torch.Generator().manual_seed(5)) - x).abs().min() > 1e-4  # another seed
     # cfg != 1: [cond; uncond] in, equal halves out
     uncond = torch.randn(6, 5, generator=gen)
     y = d.sample(torch.cat([z, uncond]), cfg=3.0, temperature=0.9, generator=torch.Generator().manual_seed(4))
