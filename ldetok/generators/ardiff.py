@@ -304,7 +304,7 @@ class ARDiff(Generator):
 # Size registry: randomar_* / rasterar_* (l-DeTok's ARDiff SIZE_DICT) plus a CPU tiny size
 # ---------------------------------------------------------------------------------------------
 _OFFICIAL = dict(latent_shape=(16, 16, 16), num_classes=1000, patch_size=1, diffloss_d=3, diffloss_w=1024)
-# CPU size; its DiffLoss uses the linear noise schedule (see mar.mar_tiny for why not cosine)
+# CPU size; its DiffLoss uses the linear noise schedule (see mar.MAR_SIZES for why not cosine)
 _TINY = dict(latent_shape=(16, 4, 4), num_classes=10, diffloss_d=2, diffloss_w=128, num_sampling_steps="20",
              noise_schedule="linear")
 

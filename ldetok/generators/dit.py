@@ -24,7 +24,7 @@ tokenizer comparison: learn-sigma, linear beta schedule, 250 ancestral steps).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,11 +41,7 @@ __all__ = [
     "FinalLayer",
     "DiT",
     "DiT_models",
-    "dit_tiny",
-    "dit_base",
-    "dit_large",
-    "dit_xl",
-    "dit_huge",
+    "size_models",
     "SIZES",
     "patchify",
     "unpatchify",
@@ -335,6 +331,19 @@ def build_size(cls, size: str, overrides: dict):
     return cls(**{**base, "hidden_size": width, "depth": depth, "num_heads": heads, **overrides})
 
 
+def size_models(prefix: str, cls, sizes: Sequence[str]) -> Dict[str, Callable[..., "AdaLNZeroTransformer"]]:
+    """``{prefix_size: builder(**overrides)}`` for each named size of ``SIZES``."""
+    def builder(size):
+        def build(**overrides):
+            return build_size(cls, size, overrides)
+
+        build.__name__ = build.__qualname__ = f"{prefix}_{size}"
+        build.__doc__ = f"{cls.__name__} at size {size} (width, depth, heads = {SIZES[size]})."
+        return build
+
+    return {f"{prefix}_{size}": builder(size) for size in sizes}
+
+
 # ---------------------------------------------------------------------------------------------
 # DiT: DDPM, epsilon + learned sigma
 # ---------------------------------------------------------------------------------------------
@@ -404,31 +413,5 @@ class DiT(AdaLNZeroTransformer):
 # ---------------------------------------------------------------------------------------------
 # Sizes (patch 1 on 16x16x16 latents as the l-DeTok recipes; learned sigma -> 32 output channels)
 # ---------------------------------------------------------------------------------------------
-def dit_tiny(**overrides) -> DiT:
-    """CPU size 128/4/4 on 16x4x4 latents, 10 classes."""
-    return build_size(DiT, "tiny", overrides)
-
-
-def dit_base(**overrides) -> DiT:
-    """768/12/12."""
-    return build_size(DiT, "base", overrides)
-
-
-def dit_large(**overrides) -> DiT:
-    """1024/24/16."""
-    return build_size(DiT, "large", overrides)
-
-
-def dit_xl(**overrides) -> DiT:
-    """1152/28/16: 675,129,632 parameters, the published DiT-XL/2 count (p*p*C in and out coincide)."""
-    return build_size(DiT, "xl", overrides)
-
-
-def dit_huge(**overrides) -> DiT:
-    """1280/32/16."""
-    return build_size(DiT, "huge", overrides)
-
-
-DiT_models: Dict[str, Callable[..., DiT]] = {
-    "dit_tiny": dit_tiny, "dit_base": dit_base, "dit_large": dit_large, "dit_xl": dit_xl, "dit_huge": dit_huge,
-}
+# dit_xl (1152/28/16) has 675,129,632 parameters, the published DiT-XL/2 count (p*p*C in and out coincide).
+DiT_models = size_models("dit", DiT, ("tiny", "base", "large", "xl", "huge"))

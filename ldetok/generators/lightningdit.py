@@ -25,16 +25,15 @@ interval from t = 0.10).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .dit import AdaLNZeroTransformer, build_size, randn
+from .dit import AdaLNZeroTransformer, randn, size_models
 from .flow import Transport, ode_sample
 
 __all__ = [
-    "LightningDiT", "LightningDiT_models", "lightningdit_tiny", "lightningdit_base", "lightningdit_large",
-    "lightningdit_xl", "lightningdit_huge", "rope_2d_tables",
+    "LightningDiT", "LightningDiT_models", "rope_2d_tables",
 ]
 
 
@@ -111,33 +110,4 @@ class LightningDiT(AdaLNZeroTransformer):
 # ---------------------------------------------------------------------------------------------
 # Sizes (DiT's widths; SwiGLU at 2/3 width keeps the MLP parameter count close to GELU's)
 # ---------------------------------------------------------------------------------------------
-def lightningdit_tiny(**overrides) -> LightningDiT:
-    """CPU size 128/4/4 on 16x4x4 latents, 10 classes."""
-    return build_size(LightningDiT, "tiny", overrides)
-
-
-def lightningdit_base(**overrides) -> LightningDiT:
-    """768/12/12."""
-    return build_size(LightningDiT, "base", overrides)
-
-
-def lightningdit_large(**overrides) -> LightningDiT:
-    """1024/24/16."""
-    return build_size(LightningDiT, "large", overrides)
-
-
-def lightningdit_xl(**overrides) -> LightningDiT:
-    """1152/28/16."""
-    return build_size(LightningDiT, "xl", overrides)
-
-
-def lightningdit_huge(**overrides) -> LightningDiT:
-    """1280/32/16."""
-    return build_size(LightningDiT, "huge", overrides)
-
-
-LightningDiT_models: Dict[str, Callable[..., LightningDiT]] = {
-    "lightningdit_tiny": lightningdit_tiny, "lightningdit_base": lightningdit_base,
-    "lightningdit_large": lightningdit_large, "lightningdit_xl": lightningdit_xl,
-    "lightningdit_huge": lightningdit_huge,
-}
+LightningDiT_models = size_models("lightningdit", LightningDiT, ("tiny", "base", "large", "xl", "huge"))

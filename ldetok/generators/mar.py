@@ -30,7 +30,7 @@ from .base import Generator
 from .diffloss import DiffLoss
 
 __all__ = [
-    "MAR", "MAR_models", "mar_tiny", "mar_base", "mar_large", "mar_huge", "load_official_mar",
+    "MAR", "MAR_models", "MAR_SIZES", "load_official_mar",
     "Attention", "Mlp", "Block", "sample_mask_ratio", "cosine_mask_schedule", "patchify", "unpatchify",
     "random_orders",
 ]
@@ -370,44 +370,39 @@ class MAR(Generator):
 _OFFICIAL = dict(latent_shape=(16, 16, 16), num_classes=1000, patch_size=1, buffer_size=64)
 
 
-def _mar(width, depth, heads, diffloss_d, diffloss_w, base, overrides) -> MAR:
-    kw = dict(base, encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
-              decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads,
-              diffloss_d=diffloss_d, diffloss_w=diffloss_w)
-    kw.update(overrides)
-    return MAR(**kw)
+# The CPU size differs from the official ones in the DiffLoss noise schedule: linear, not cosine. The
+# cosine schedule ends at alpha_bar ~ 2e-9, so the first sampling step multiplies the head's epsilon
+# error by ~2e4 (1/sqrt(alpha_bar)); a small head trained for minutes cannot reach that precision and its
+# samples blow up (measured: sample std ~900 on unit-variance latents), while the linear schedule
+# (alpha_bar_T ~ 4e-5) samples correctly.
+_TINY = dict(latent_shape=(16, 4, 4), num_classes=10, buffer_size=4, num_sampling_steps="20", num_iter=8,
+             noise_schedule="linear")
+
+# size: (width, depth, heads of encoder and decoder; DiffLoss depth, width; defaults)
+MAR_SIZES = {
+    "tiny": (128, 2, 4, 2, 128, _TINY),  # CPU: 16x4x4 latents, 10 classes, buffer 4
+    "base": (768, 12, 12, 6, 1024, _OFFICIAL),  # DiffLoss d6 w1024 (released 800-ep; the 100-ep ablation uses d3)
+    "large": (1024, 16, 16, 8, 1280, _OFFICIAL),  # DiffLoss d8 w1280 (released 800-ep)
+    "huge": (1280, 20, 16, 12, 1536, _OFFICIAL),  # DiffLoss d12 w1536 (MAR's recipe)
+}
 
 
-def mar_tiny(**overrides) -> MAR:
-    """CPU size: width 128, 2+2 blocks, 4 heads, buffer 4, DiffLoss d2 w128, 16x4x4 latents, 10 classes.
+def _mar_builder(size: str):
+    width, depth, heads, diffloss_d, diffloss_w, base = MAR_SIZES[size]
 
-    Differs from the official sizes in the DiffLoss noise schedule: linear, not cosine. The cosine
-    schedule ends at alpha_bar ~ 2e-9, so the first sampling step multiplies the head's epsilon error
-    by ~2e4 (1/sqrt(alpha_bar)); a small head trained for minutes cannot reach that precision and its
-    samples blow up (measured: sample std ~900 on unit-variance latents), while the linear schedule
-    (alpha_bar_T ~ 4e-5) samples correctly.
-    """
-    base = dict(latent_shape=(16, 4, 4), num_classes=10, buffer_size=4, num_sampling_steps="20", num_iter=8,
-                noise_schedule="linear")
-    return _mar(128, 2, 4, 2, 128, base, overrides)
+    def build(**overrides) -> MAR:
+        kw = dict(base, encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
+                  decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads,
+                  diffloss_d=diffloss_d, diffloss_w=diffloss_w)
+        kw.update(overrides)
+        return MAR(**kw)
 
-
-def mar_base(**overrides) -> MAR:
-    """768/12/12 encoder and decoder; DiffLoss d6 w1024 (released 800-ep; the 100-ep ablation uses d3)."""
-    return _mar(768, 12, 12, 6, 1024, _OFFICIAL, overrides)
+    build.__name__ = build.__qualname__ = f"mar_{size}"
+    build.__doc__ = f"MAR at size {size}: {width}/{depth}/{heads}, DiffLoss d{diffloss_d} w{diffloss_w}."
+    return build
 
 
-def mar_large(**overrides) -> MAR:
-    """1024/16/16; DiffLoss d8 w1280 (released 800-ep)."""
-    return _mar(1024, 16, 16, 8, 1280, _OFFICIAL, overrides)
-
-
-def mar_huge(**overrides) -> MAR:
-    """1280/20/16; DiffLoss d12 w1536 (MAR's recipe)."""
-    return _mar(1280, 20, 16, 12, 1536, _OFFICIAL, overrides)
-
-
-MAR_models = {"mar_tiny": mar_tiny, "mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge}
+MAR_models = {f"mar_{size}": _mar_builder(size) for size in MAR_SIZES}
 
 
 # ---------------------------------------------------------------------------------------------

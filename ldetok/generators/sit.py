@@ -17,14 +17,14 @@ section 4 (SiT column: linear flow, dopri5 ODE, nominally 250 steps).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Optional
 
 import torch
 
-from .dit import AdaLNZeroTransformer, build_size, randn
+from .dit import AdaLNZeroTransformer, randn, size_models
 from .flow import Transport, ode_sample, sde_sample
 
-__all__ = ["SiT", "SiT_models", "sit_tiny", "sit_small", "sit_base", "sit_large", "sit_xl"]
+__all__ = ["SiT", "SiT_models"]
 
 SAMPLERS = ("ode", "sde")
 ODE_METHODS = ("dopri5", "euler", "heun")
@@ -81,31 +81,4 @@ class SiT(AdaLNZeroTransformer):
 # ---------------------------------------------------------------------------------------------
 # Sizes (the official SIZE_DICT; "small" is 512 wide with 8 layers)
 # ---------------------------------------------------------------------------------------------
-def sit_tiny(**overrides) -> SiT:
-    """CPU size 128/4/4 on 16x4x4 latents, 10 classes."""
-    return build_size(SiT, "tiny", overrides)
-
-
-def sit_small(**overrides) -> SiT:
-    """512/8/8."""
-    return build_size(SiT, "small", overrides)
-
-
-def sit_base(**overrides) -> SiT:
-    """768/12/12."""
-    return build_size(SiT, "base", overrides)
-
-
-def sit_large(**overrides) -> SiT:
-    """1024/24/16."""
-    return build_size(SiT, "large", overrides)
-
-
-def sit_xl(**overrides) -> SiT:
-    """1152/28/16."""
-    return build_size(SiT, "xl", overrides)
-
-
-SiT_models: Dict[str, Callable[..., SiT]] = {
-    "sit_tiny": sit_tiny, "sit_small": sit_small, "sit_base": sit_base, "sit_large": sit_large, "sit_xl": sit_xl,
-}
+SiT_models = size_models("sit", SiT, ("tiny", "small", "base", "large", "xl"))
