@@ -112,21 +112,21 @@ class GeneratorTrainer(Trainer):
     def latents(self, batch):
         """Normalised latents and labels on the device; the random draws use the training generator."""
         if self.cache is not None:
-            return self.cache.sample(batch, generator=self.gen, device=self.device)
+            return self.cache.sample(batch, generator=self.rng, device=self.device)
         x, y = batch
         x = x.to(self.device)
         if self.cfg.flip:
-            flip = (torch.rand(len(x), generator=self.gen, device=self.gen.device) < 0.5).to(self.device)
+            flip = (torch.rand(len(x), generator=self.rng, device=self.rng.device) < 0.5).to(self.device)
             x = torch.where(flip.view(-1, 1, 1, 1), torch.flip(x, dims=[3]), x)
         with torch.no_grad(), self.autocast():
-            z = self.tokenizer.tokenize(x, sample=True, generator=self.gen).float()
+            z = self.tokenizer.tokenize(x, sample=True, generator=self.rng).float()
         return z, y.to(self.device)
 
     def micro_step(self, batch):
         z, y = self.latents(batch)
         labels = None if self.num_classes == 0 else y
         with self.autocast():
-            loss = self.ddp(z, labels, generator=self.gen)
+            loss = self.ddp(z, labels, generator=self.rng)
         loss = loss.float()
         return loss, {"loss": float(loss.detach())}
 

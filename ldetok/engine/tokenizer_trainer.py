@@ -118,7 +118,7 @@ class TokenizerTrainer(Trainer):
         fwd = self.ddp if self.dist.distributed else self.pass_  # DDP wraps the denoising pass
         last_layer = self.model.decoder.conv_out.weight if hasattr(self.model, "decoder") else None
         with self.autocast():
-            out = fwd(x, generator=self.gen)
+            out = fwd(x, generator=self.rng)
         loss, logs = self.loss.generator_loss(x, out.recon, out.posterior, self.step, last_layer)
         self._pairs.append((x, out.recon.detach()))
         return loss, logs

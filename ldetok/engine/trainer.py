@@ -86,7 +86,7 @@ class Trainer:
         self.extra_optimizers: List[torch.optim.Optimizer] = self.build_extra_optimizers()
         self.ddp = self.wrap_ddp() if d.distributed else self.model
         # the training RNG: one stream per rank, saved in checkpoints
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1000 + d.rank)
+        self.rng = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1000 + d.rank)
         self.step = 0
         self.ckpts = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_ckpts, cfg.run.milestone_every)
 
@@ -157,7 +157,7 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def resume(self) -> bool:
-        state = load_resume_state(self.ckpts, self.cfg, self.dist, self.gen, self.logger.log_line, self.device)
+        state = load_resume_state(self.ckpts, self.cfg, self.dist, self.rng, self.logger.log_line, self.device)
         if state is None:
             return False
         unwrap_model(self.model).load_state_dict(state["model"])
@@ -168,7 +168,7 @@ class Trainer:
         return True
 
     def save(self) -> None:
-        rngs = gather_rng_states(self.gen)  # collective: every rank takes part
+        rngs = gather_rng_states(self.rng)  # collective: every rank takes part
         if self.dist.is_main:
             self.ckpts.save(self.step, {"step": self.step, "model": unwrap_model(self.model).state_dict(),
                                         "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
