@@ -87,7 +87,7 @@ def cmd_train_generator(args) -> int:
 def cmd_sample(args) -> int:
     from .sampling import sample_run
 
-    sample_run(args.run_dir, n=args.n, cfg=args.cfg, steps=args.steps, temperature=args.temperature,
+    sample_run(args.run_dir, n=args.n, guidance_scale=args.cfg, steps=args.steps, temperature=args.temperature,
                out=args.out, seed=args.seed, batch_size=args.batch_size, device=args.device,
                labels=[int(v) for v in args.labels.split(",")] if args.labels else None)
     return 0
@@ -97,7 +97,7 @@ def cmd_eval_generator(args) -> int:
     from .eval.generation import evaluate_generator_run
 
     sweep = [float(v) for v in args.cfg_sweep.split(",")] if args.cfg_sweep else None
-    evaluate_generator_run(args.run_dir, n=args.n, cfg=args.cfg, cfg_sweep=sweep, n_search=args.n_search,
+    evaluate_generator_run(args.run_dir, n=args.n, guidance_scale=args.cfg, guidance_scales=sweep, n_search=args.n_search,
                            extractors=tuple(args.features.split(",")), sweep_extractor=args.sweep_features,
                            steps=args.steps, temperature=args.temperature, seed=args.seed,
                            batch_size=args.batch_size, device=args.device, png_dir=args.png_dir)
@@ -118,7 +118,7 @@ def cmd_reproduce(args) -> int:
     gen_over = parse_overrides(GeneratorTrainConfig, args.gen)
     reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures,
               budgets=budgets, tok_overrides=tok_over, gen_overrides=gen_over, decoder_ft_steps=args.decoder_ft,
-              cfg_search=[float(c) for c in args.cfg_search.split(",")] if args.cfg_search else None,
+              guidance_scales=[float(c) for c in args.cfg_search.split(",")] if args.cfg_search else None,
               n_search=args.n_search)
     return 0
 

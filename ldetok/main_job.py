@@ -52,9 +52,9 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
     for v, run in runs.items():
         _link(run, out / LINKS[v])
     toks = {LABELS[v]: load_tokenizer(run).eval() for v, run in runs.items()}
-    cfg = json.loads((next(iter(runs.values())) / "tokenizer" / "tokenizer.json").read_text())["train_config"]
-    test = build_dataset(cfg["dataset"], split=cfg["eval_split"], image_size=cfg["image_size"],
-                         channels=cfg["in_channels"], root=cfg.get("data_root"))
+    tcfg = json.loads((next(iter(runs.values())) / "tokenizer" / "tokenizer.json").read_text())["train_config"]
+    test = build_dataset(tcfg["dataset"], split=tcfg["eval_split"], image_size=tcfg["image_size"],
+                         channels=tcfg["in_channels"], root=tcfg.get("data_root"))
     x, _ = test.tensor_batch([i * min(1000, len(test)) // 10 for i in range(10)])  # test images 0, 100, ..., 900
     with torch.no_grad():
         grid = torch.cat([x] + [t.reconstruct(x) for t in toks.values()])
@@ -63,7 +63,7 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
                            title="Fashion-MNIST: latents corrupted (interpolative, γ=3) or masked, then decoded")
     _samples_figure({LABELS[v]: out / "samples" / f"{P.generators[0]}_{v}_s{seed}_t{tok_steps}_g{gen_steps}.png"
                      for v in runs}, figures / "fmnist_samples.png",
-                    f"{P.generators[0]} samples (cfg {P.cfg}, EMA; one class per column)")
+                    f"{P.generators[0]} samples (cfg {P.guidance_scale}, EMA; one class per column)")
 
     table = headline_table(rows)
     r0 = rows[0]

@@ -200,7 +200,7 @@ class GeneratorTrainer:
         imgs = []
         for c in classes:
             labels = None if c is None else torch.full((n_per_class,), c, dtype=torch.long, device=self.device)
-            z = gen.sample(n_per_class, labels=labels, cfg=self.cfg.sample_cfg, steps=self.cfg.sample_steps,
+            z = gen.sample(n_per_class, labels=labels, guidance_scale=self.cfg.sample_cfg, steps=self.cfg.sample_steps,
                            temperature=self.cfg.sample_temperature, generator=g)
             imgs.append(self.tokenizer.detokenize(z))
         path = self.run_dir / "images" / f"{name}.png"

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..corruption import apply_noise
 from ..engine.distributed import broadcast_object, gather_objects, get_rank, get_world_size
 from .fid import (
     InceptionFeatures,
@@ -28,7 +29,7 @@ from .fid import (
     store_reference_stats,
 )
 
-__all__ = ["evaluate_reconstruction", "psnr", "ssim"]
+__all__ = ["evaluate_reconstruction", "image_noise", "psnr", "psnr_under_noise", "reconstruct_noised", "ssim"]
 
 
 # ---- per-image metrics --------------------------------------------------------------------------
@@ -95,6 +96,59 @@ def ssim(
     return float(per.mean()), per.float().cpu()
 
 
+# ---- reconstructions of noised latents ----------------------------------------------------------
+def image_noise(shape, seed: int, indices) -> torch.Tensor:
+    """One ε of ``shape`` per image, drawn from a generator seeded by (``seed``, image index): image
+    ``i`` of an evaluation set gets the same ε whatever batch it is in and whichever rank renders it."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)))
+                        for i in indices])
+
+
+@torch.no_grad()
+def reconstruct_noised(tokenizer, x: torch.Tensor, level: float, gamma: float, noise_type: str, seed: int,
+                       indices) -> torch.Tensor:
+    """``decode(apply_noise(encode(x), level, gamma, noise_type, ε)).clamp(-1, 1)`` in float32, ε from
+    ``image_noise(seed, indices)`` (``indices``: the images' indices in the evaluation set). The raw
+    latents (posterior mean) are noised: the tokenizer's own training corruption at that level."""
+    if len(indices) != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} images but {len(indices)} indices")
+    z = tokenizer.encode(x)
+    eps = image_noise(z.shape[1:], seed, indices).to(z)
+    return tokenizer.decode(apply_noise(z, float(level), float(gamma), noise_type, noise=eps)).float().clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def psnr_under_noise(tokenizer, x: torch.Tensor, levels, gamma: float = 3.0, noise_type: str = "interpolative",
+                     seed: int = 0, indices=None, batch_size: int = 200, device=None) -> dict:
+    """Per-image PSNR and SSIM of ``x`` (images in [-1, 1]) against ``reconstruct_noised`` at each noise
+    level: ``{level: {"psnr": (N,), "ssim": (N,)}}`` (float32, CPU). ``indices`` are the images' indices in
+    the evaluation set (default ``0 .. N-1``); each image's ε is seeded by (``seed``, its index), so the
+    values do not depend on ``batch_size``, on the other images of a batch, or on the rank evaluating it.
+    ``device``: where to decode (default the tokenizer's)."""
+    indices = list(range(len(x))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(x):
+        raise ValueError(f"{len(x)} images but {len(indices)} indices")
+    if device is None:
+        p = next(iter([*tokenizer.parameters(), *tokenizer.buffers()]), None)
+        device = p.device if p is not None else x.device
+    dev = torch.device(device)
+    was_training = tokenizer.training
+    tokenizer.eval()
+    out = {}
+    try:
+        for t in levels:
+            per = {"psnr": [], "ssim": []}
+            for lo in range(0, len(x), batch_size):
+                xb = x[lo:lo + batch_size].to(dev).float()
+                rec = reconstruct_noised(tokenizer, xb, t, gamma, noise_type, seed, indices[lo:lo + batch_size])
+                per["psnr"].append(psnr(rec, xb)[1])
+                per["ssim"].append(ssim(rec, xb)[1])
+            out[float(t)] = {k: torch.cat(v) for k, v in per.items()}
+    finally:
+        tokenizer.train(was_training)
+    return out
+
+
 # ---- the evaluation -----------------------------------------------------------------------------
 def _dist_info() -> tuple[int, int]:
     return get_rank(), get_world_size()
@@ -137,7 +191,10 @@ def evaluate_reconstruction(
     batch_size: int = 32,
     compute_rfid: bool = True,
     lpips_fn: Callable | None = None,
-    corruption: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    noise_level: float | None = None,
+    gamma: float = 3.0,
+    noise_type: str = "interpolative",
+    noise_seed: int = 0,
     extractor=None,
     cache_dir=None,
     protocol_extra: dict | None = None,
@@ -145,8 +202,9 @@ def evaluate_reconstruction(
 ) -> dict:
     """PSNR / SSIM / LPIPS / rFID of ``tokenizer`` on the first ``n`` images, as ``MetricResult``s.
 
-    - Reconstruction: ``tokenizer.reconstruct(x)`` (posterior mean, clamped); with ``corruption``
-      (latents -> latents, e.g. noise at t=0.3), ``decode(corruption(encode(x))).clamp(-1, 1)``.
+    - Reconstruction: ``tokenizer.reconstruct(x)`` (posterior mean, clamped); with ``noise_level`` t,
+      ``reconstruct_noised`` (the raw latents noised by ``apply_noise(z, t, gamma, noise_type)``, each
+      image's ε seeded by (``noise_seed``, its index), as ``psnr_under_noise`` draws it).
     - ``loader_or_dataset``: a map-style dataset or a DataLoader over one (read in dataset order, the
       loader's sampler is ignored, so "first n" is well defined), or any iterable of batches, a
       list of batches included (single process only). Items: tensors or (image, label) tuples,
@@ -207,10 +265,11 @@ def evaluate_reconstruction(
                 if resolution is None:  # an iterable source (single process)
                     resolution = _resolution(x)
                     need_real = check_cache(resolution)
-                if corruption is None:
+                if noise_level is None:
                     rec = tokenizer.reconstruct(x)
                 else:
-                    rec = tokenizer.decode(corruption(tokenizer.encode(x))).clamp(-1.0, 1.0)
+                    rec = reconstruct_noised(tokenizer, x, noise_level, gamma, noise_type, noise_seed,
+                                             indices[seen:seen + x.shape[0]])
                 rec = rec.float()
                 per["psnr"].append(psnr(rec, x)[1])
                 per["ssim"].append(ssim(rec, x)[1])
@@ -245,7 +304,8 @@ def evaluate_reconstruction(
             compute_rfid,
             need_real,
             lpips_fn,
-            corruption,
+            None if noise_level is None else f"{noise_type} t={noise_level:g} gamma={gamma:g} (raw latents, "
+            f"per-image noise seed {noise_seed})",
             extractor,
             cache_dir,
             protocol_extra or {},
@@ -279,10 +339,9 @@ def _summarise(
     cache_dir,
     extra,
 ) -> dict:
-    corr = "none" if corruption is None else getattr(corruption, "__name__", None) or repr(corruption)
     base = {"n": n, "resolution": resolution}
     if corruption is not None:
-        base["corruption"] = corr
+        base["corruption"] = corruption
     base.update(extra)
     res = {
         "psnr": MetricResult(

@@ -10,10 +10,6 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
-from ..corruption import interpolative_noise
-
 __all__ = ["evaluate_tokenizer_run", "lpips_or_reason", "run_train_config"]
 
 
@@ -48,9 +44,12 @@ def lpips_or_reason(device):
 
 
 def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] = (), gamma: float = 3.0,
-                           rfid: bool = True, batch_size: int = 100, device: str = "auto",
+                           noise_type: str = "interpolative", rfid: bool = True, batch_size: int = 100, device: str = "auto",
                            split: Optional[str] = None, seed: int = 0, verbose: bool = True,
                            rfid_corrupted: bool = True) -> dict:
+    """Clean reconstruction metrics of the first ``n`` images of the run's evaluation split, then the
+    same metrics of reconstructions decoded from raw latents noised at each of ``noise_levels``
+    (``gamma``, ``noise_type``; each image's ε seeded by (``seed``, its index), as ``psnr_under_noise``)."""
     from ..data import build_dataset
     from ..engine.distributed import resolve_device
     from ..tokenizers import load_tokenizer
@@ -70,17 +69,11 @@ def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] 
         print(f"LPIPS unavailable: {why}")
     results = {"clean": evaluate_reconstruction(tok, ds, n, dev, f"{cfg['dataset']}/{split}", batch_size,
                                                 compute_rfid=rfid, lpips_fn=lpips_fn, protocol_extra=extra)}
-    for t in noise_levels:
-        g = torch.Generator().manual_seed(seed)
-
-        def corrupt(z, t=t, g=g):
-            eps = torch.randn(z.shape, generator=g).to(z)
-            return interpolative_noise(z, float(t), gamma, noise=eps)
-
+    for t in noise_levels:  # each image's ε seeded by (seed, its index): psnr_under_noise's values
         results[f"t={t:g}"] = evaluate_reconstruction(
             tok, ds, n, dev, f"{cfg['dataset']}/{split}", batch_size, compute_rfid=rfid and rfid_corrupted,
-            lpips_fn=lpips_fn, corruption=corrupt,
-            protocol_extra={**extra, "latent_noise": f"interpolative t={t:g} gamma={gamma:g} (raw latents)"})
+            lpips_fn=lpips_fn, noise_level=float(t), gamma=gamma, noise_type=noise_type, noise_seed=seed,
+            protocol_extra=extra)
     out = {k: {m: r.to_dict() for m, r in v.items()} for k, v in results.items()}
     path = run_dir / "eval" / f"recon_n{n}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
