@@ -222,24 +222,7 @@ def evaluate_reconstruction(
     device = torch.device(device)
     rank, world = _dist_info()
     dataset_key, split = _parse_reference(reference)
-    ds = _map_style(loader_or_dataset)
-    if ds is not None:
-        if len(ds) < n:
-            raise ValueError(f"asked for n={n} images, the dataset has only {len(ds)}")
-        indices = list(range(rank, n, world))
-        source = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(ds, indices),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-        )
-    else:
-        if world > 1:
-            raise ValueError(
-                "distributed evaluation needs a map-style dataset (or a DataLoader over one), "
-                "so each rank can take its own shard; got an iterable"
-            )
-        indices, source = list(range(n)), loader_or_dataset
+    ds, indices, source = _shard(loader_or_dataset, n, batch_size, num_workers, rank, world)
     if compute_rfid and extractor is None:
         extractor = InceptionFeatures(device, batch_size)
 
@@ -270,16 +253,7 @@ def evaluate_reconstruction(
                 else:
                     rec = reconstruct_noised(tokenizer, x, noise_level, gamma, noise_type, noise_seed,
                                              indices[seen:seen + x.shape[0]])
-                rec = rec.float()
-                per["psnr"].append(psnr(rec, x)[1])
-                per["ssim"].append(ssim(rec, x)[1])
-                if lpips_fn is not None:
-                    rgb = lambda t: t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t
-                    per["lpips"].append(torch.as_tensor(lpips_fn(rgb(rec), rgb(x))).flatten().float().cpu())
-                if compute_rfid:
-                    per["rec"].append(torch.from_numpy(extractor.features(rec)))
-                    if need_real:
-                        per["real"].append(torch.from_numpy(extractor.features(x)))
+                _batch_metrics(per, rec.float(), x, lpips_fn, extractor if compute_rfid else None, need_real)
                 seen += x.shape[0]
                 if seen >= len(indices):
                     break
@@ -294,23 +268,42 @@ def evaluate_reconstruction(
 
     results = None
     if rank == 0:
-        results = _summarise(
-            merged,
-            n,
-            resolution,
-            dataset_key,
-            split,
-            reference,
-            compute_rfid,
-            need_real,
-            lpips_fn,
-            None if noise_level is None else f"{noise_type} t={noise_level:g} gamma={gamma:g} (raw latents, "
-            f"per-image noise seed {noise_seed})",
-            extractor,
-            cache_dir,
-            protocol_extra or {},
-        )
+        noise = None if noise_level is None else (f"{noise_type} t={noise_level:g} gamma={gamma:g} (raw latents, "
+                                                  f"per-image noise seed {noise_seed})")
+        results = _summarise(merged, n, resolution, dataset_key, split, reference, compute_rfid, need_real, lpips_fn,
+                             noise, extractor, cache_dir, protocol_extra or {})
     return broadcast_object(results)
+
+
+def _shard(loader_or_dataset, n: int, batch_size: int, num_workers: int, rank: int, world: int):
+    """(map-style dataset or None, this rank's image indices, its batches): indices ``rank::world`` of
+    the first ``n`` of a dataset, or the first ``n`` images of an iterable (single process only)."""
+    ds = _map_style(loader_or_dataset)
+    if ds is None:
+        if world > 1:
+            raise ValueError("distributed evaluation needs a map-style dataset (or a DataLoader over one), "
+                             "so each rank can take its own shard; got an iterable")
+        return None, list(range(n)), loader_or_dataset
+    if len(ds) < n:
+        raise ValueError(f"asked for n={n} images, the dataset has only {len(ds)}")
+    indices = list(range(rank, n, world))
+    source = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    return ds, indices, source
+
+
+def _batch_metrics(per: dict, rec: torch.Tensor, x: torch.Tensor, lpips_fn, extractor, need_real: bool) -> None:
+    """Append one batch's per-image PSNR, SSIM, LPIPS (with ``lpips_fn``) and features (with ``extractor``;
+    the real images' too when ``need_real``) to ``per``."""
+    per["psnr"].append(psnr(rec, x)[1])
+    per["ssim"].append(ssim(rec, x)[1])
+    if lpips_fn is not None:
+        rgb = lambda t: t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t
+        per["lpips"].append(torch.as_tensor(lpips_fn(rgb(rec), rgb(x))).flatten().float().cpu())
+    if extractor is not None:
+        per["rec"].append(torch.from_numpy(extractor.features(rec)))
+        if need_real:
+            per["real"].append(torch.from_numpy(extractor.features(x)))
 
 
 def _gather(local: dict) -> dict:
