@@ -65,7 +65,7 @@ def bench(name, a, dev):
     sync(dev)
     t0 = time.perf_counter()
     with amp:
-        g.sample(a.sample_n, labels=torch.arange(a.sample_n, device=dev) % 10, cfg=a.cfg, generator=gen, **kw)
+        g.sample(a.sample_n, labels=torch.arange(a.sample_n, device=dev) % 10, guidance_scale=a.cfg, generator=gen, **kw)
     sync(dev)
     sample_s = time.perf_counter() - t0
     return {"model": name, "params_M": round(g.num_params() / 1e6, 3), "latent": list(shape), "batch": a.batch,

@@ -87,7 +87,7 @@ def cmd_train_generator(args) -> int:
 def cmd_sample(args) -> int:
     from .sampling import sample_run
 
-    sample_run(args.run_dir, n=args.n, cfg=args.cfg, steps=args.steps, temperature=args.temperature,
+    sample_run(args.run_dir, n=args.n, guidance_scale=args.cfg, steps=args.steps, temperature=args.temperature,
                out=args.out, seed=args.seed, batch_size=args.batch_size, device=args.device,
                labels=[int(v) for v in args.labels.split(",")] if args.labels else None)
     return 0
@@ -97,7 +97,7 @@ def cmd_eval_generator(args) -> int:
     from .eval.generation import evaluate_generator_run
 
     sweep = [float(v) for v in args.cfg_sweep.split(",")] if args.cfg_sweep else None
-    evaluate_generator_run(args.run_dir, n=args.n, cfg=args.cfg, cfg_sweep=sweep, n_search=args.n_search,
+    evaluate_generator_run(args.run_dir, n=args.n, guidance_scale=args.cfg, guidance_scales=sweep, n_search=args.n_search,
                            extractors=tuple(args.features.split(",")), sweep_extractor=args.sweep_features,
                            steps=args.steps, temperature=args.temperature, seed=args.seed,
                            batch_size=args.batch_size, device=args.device, png_dir=args.png_dir)
@@ -118,7 +118,7 @@ def cmd_reproduce(args) -> int:
     gen_over = parse_overrides(GeneratorTrainConfig, args.gen)
     reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures,
               budgets=budgets, tok_overrides=tok_over, gen_overrides=gen_over, decoder_ft_steps=args.decoder_ft,
-              cfg_search=[float(c) for c in args.cfg_search.split(",")] if args.cfg_search else None,
+              guidance_scales=[float(c) for c in args.cfg_search.split(",")] if args.cfg_search else None,
               n_search=args.n_search)
     return 0
 
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--n", type=int, default=500, help="number of evaluation images (the first n)")
     s.add_argument("--noise", default="", help="also evaluate latents corrupted at these t, e.g. 0.3,0.5,0.7")
-    s.add_argument("--gamma", type=float, default=3.0, help="gamma of the interpolative noise for --noise")
+    s.add_argument("--gamma", type=float, default=None,
+                   help="noise scale for --noise (default: the run's own γ; 3, the paper's, for a run trained without noise)")
     s.add_argument("--split", default=None, help="dataset split (default: the run's eval split)")
     s.add_argument("--batch-size", type=int, default=100)
     s.add_argument("--device", default="auto")

@@ -37,6 +37,7 @@ def _link(target: Path, link: Path) -> None:
 def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: str = "auto") -> List[dict]:
     from .reproduce import REPRODUCE_PRESETS, reproduce
     from .data import build_dataset
+    from .eval.tokenizer import run_corruption, run_train_config
     from .tokenizers import load_tokenizer
     from .viz import plot_corruption_sweeps, save_grid
 
@@ -52,18 +53,21 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
     for v, run in runs.items():
         _link(run, out / LINKS[v])
     toks = {LABELS[v]: load_tokenizer(run).eval() for v, run in runs.items()}
-    cfg = json.loads((next(iter(runs.values())) / "tokenizer" / "tokenizer.json").read_text())["train_config"]
-    test = build_dataset(cfg["dataset"], split=cfg["eval_split"], image_size=cfg["image_size"],
-                         channels=cfg["in_channels"], root=cfg.get("data_root"))
+    tcfg = run_train_config(next(iter(runs.values())))
+    test = build_dataset(tcfg.data.dataset, split=tcfg.data.eval_split, image_size=tcfg.model.image_size,
+                         channels=tcfg.model.in_channels, root=tcfg.data.data_root)
     x, _ = test.tensor_batch([i * min(1000, len(test)) // 10 for i in range(10)])  # test images 0, 100, ..., 900
     with torch.no_grad():
         grid = torch.cat([x] + [t.reconstruct(x) for t in toks.values()])
     save_grid(grid, figures / "fmnist_reconstructions.png", nrow=len(x))
-    plot_corruption_sweeps(toks, x[:2], figures / "fmnist_corruption_sweep.png",
-                           title="Fashion-MNIST: latents corrupted (interpolative, γ=3) or masked, then decoded")
+    shown = run_corruption(runs["detok"]) if "detok" in runs else run_corruption(next(iter(runs.values())))
+    plot_corruption_sweeps(toks, x[:2], figures / "fmnist_corruption_sweep.png", gamma=shown.gamma,
+                           noise_type=shown.noise_type,
+                           title=f"Fashion-MNIST: latents corrupted ({shown.noise_type}, γ={shown.gamma:g}) or "
+                                 "masked, then decoded")
     _samples_figure({LABELS[v]: out / "samples" / f"{P.generators[0]}_{v}_s{seed}_t{tok_steps}_g{gen_steps}.png"
                      for v in runs}, figures / "fmnist_samples.png",
-                    f"{P.generators[0]} samples (cfg {P.cfg}, EMA; one class per column)")
+                    f"{P.generators[0]} samples (cfg {P.guidance_scale}, EMA; one class per column)")
 
     table = headline_table(rows)
     r0 = rows[0]

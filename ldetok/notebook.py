@@ -192,14 +192,18 @@ def run_corruption(run) -> CorruptionConfig:
 
 def psnr_sweep(tokenizer, x: torch.Tensor, levels: Sequence[float] = (), ratios: Sequence[float] = (),
                gamma: float = 3.0, noise_type: str = "interpolative", seed: int = 18) -> dict:
-    """PSNR (dB) of ``x`` against its decoded latents corrupted at each noise level and each mask ratio
-    (``viz.corruption_sweeps``: one shared ε, masking inside the encoder)."""
+    """PSNR (dB) of ``x`` against its decoded latents corrupted at each noise level
+    (``ldetok.eval.psnr_under_noise``: image ``i`` of ``x`` gets its ε seeded by (``seed``, i), the numbers
+    of ``ldetok eval-tokenizer`` and ``ldetok reproduce``) and at each mask ratio (``viz.corruption_sweeps``,
+    masking inside the encoder)."""
+    from .eval.recon import psnr_under_noise
     from .viz import corruption_sweeps
 
-    sw = corruption_sweeps(tokenizer, x, list(levels) or [0.0], list(ratios) or [0.0], gamma, noise_type, seed)
     out = {"levels": [float(t) for t in levels], "ratios": [float(r) for r in ratios]}
-    out["psnr_noise"] = [_psnr(sw["noise"][i], x) for i in range(len(levels))]
-    out["psnr_mask"] = [_psnr(sw["mask"][i], x) for i in range(len(ratios))]
+    noised = psnr_under_noise(tokenizer, x, levels, gamma, noise_type, seed) if len(levels) else {}
+    out["psnr_noise"] = [float(noised[float(t)]["psnr"].mean()) for t in levels]
+    masks = corruption_sweeps(tokenizer, x, [0.0], ratios, gamma, noise_type, seed)["mask"] if len(ratios) else []
+    out["psnr_mask"] = [_psnr(masks[i], x) for i in range(len(ratios))]
     return out
 
 

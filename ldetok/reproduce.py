@@ -7,7 +7,8 @@ classifier where the data allows):
 
 - the reconstruction ceiling: PSNR of clean reconstructions, and FD(reconstructions, real);
 - robustness of the latents: PSNR when the raw latents are corrupted by interpolative noise at fixed t
-  (γ=3, one shared ε) before decoding;
+  (γ=3; ``eval.psnr_under_noise``: each image's ε seeded by the run's seed and the image's index) before
+  decoding;
 - sample quality: FD(samples, real) (gFID in Inception space) and KID(samples, real);
 - the modelability of the latents, free of the reconstruction ceiling: FD(samples, reconstructions),
   i.e. how close the generator gets to what its own tokenizer can render;
@@ -55,16 +56,21 @@ class ReproducePreset:
     # there (KID, unbiased, is the metric to read at such counts; FID at small n is biased upwards).
     n_inception: Optional[int] = None
     noise_levels: Sequence[float] = (0.3, 0.5, 0.7)
+    # robustness is measured under one noise for every variant (so the variants compare), not each run's
+    # own corruption: the paper's γ and interpolative noise
+    noise_gamma: float = 3.0
+    noise_type: str = "interpolative"
     # the decoder fine-tuning stage after each tokenizer (encoder frozen, no corruption; the released
     # `-decoder_tuned` recipe): steps, 0 for none. Generators then train on the fine-tuned tokenizer
     # (same latents: only the decoder changes). Its preset, when given, replaces the base preset with
     # `stage=decoder_ft` (e.g. detok_BB-imagenet256-decoder_ft).
     decoder_ft_steps: int = 0
     decoder_ft_preset: Optional[str] = None
-    cfg: float = 1.5
-    # a CFG search before the final evaluation: each scale samples n_search images, the one with the
-    # lowest FD to the real images (Inception when measured, else the first space) is used; () for none
-    cfg_search: Sequence[float] = ()
+    guidance_scale: float = 1.5  # classifier-free guidance scale of the samples
+    # a guidance-scale search before the final evaluation (``eval.guidance_sweep``): each scale samples
+    # n_search images, the one with the lowest FD to the real images (Inception when measured, else the
+    # first space) is used; () for none
+    guidance_scales: Sequence[float] = ()
     n_search: int = 5000
     sample_steps: Optional[int] = None
     tok_overrides: Dict = field(default_factory=dict)
@@ -92,8 +98,8 @@ REPRODUCE_PRESETS: Dict[str, ReproducePreset] = {
     # SiT-B 100 epochs at batch 1024, 50k samples
     "gpu-imagenet-ablation": ReproducePreset(
         "detok_SB-imagenet256-ablation", "paper-100ep", generators=("mar_base", "sit_base"),
-        budgets=((0, 0),), n_eval=50000, features=("inception",), cfg=3.0,
-        cfg_search=(2.0, 2.5, 3.0, 3.5, 4.0, 4.5), n_search=5000,
+        budgets=((0, 0),), n_eval=50000, features=("inception",), guidance_scale=3.0,
+        guidance_scales=(2.0, 2.5, 3.0, 3.5, 4.0, 4.5), n_search=5000,
         model_args={"mar_base": '{"diffloss_d": 3}'}),  # the 100-epoch runs' DiffLoss head: depth 3
     # for tests: seconds
     "tiny": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
@@ -186,18 +192,6 @@ def _features(ext, images: torch.Tensor, n: Optional[int] = None) -> np.ndarray:
     return np.asarray(ext.features(images.split(100)), dtype=np.float64)
 
 
-def _fd(a: np.ndarray, b: np.ndarray) -> float:
-    from .eval.fid import fid_from_stats, stats_from_features
-
-    return float(fid_from_stats(*stats_from_features(a), *stats_from_features(b)))
-
-
-def _kid(a: np.ndarray, b: np.ndarray) -> float:
-    from .eval.fid import kid_from_features
-
-    return float(kid_from_features(a, b, subset_size=min(1000, len(a), len(b)))[0])
-
-
 def parse_budgets(text: str) -> List[Tuple[int, int]]:
     """``"500:750,1000:1500"`` -> ``[(500, 750), (1000, 1500)]`` (tokenizer steps : generator steps)."""
     out = []
@@ -208,32 +202,6 @@ def parse_budgets(text: str) -> List[Tuple[int, int]]:
         out.append((int(parts[0]), int(parts[1])))
     if not out:
         raise ValueError(f"no budgets in {text!r}")
-    return out
-
-
-def _image_noise(shape, seed: int, idx: Sequence[int]) -> torch.Tensor:
-    """One ε per image, seeded by (seed, image index): the same for an image whichever rank renders it."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-                        for i in idx])
-
-
-@torch.no_grad()
-def _corrupted_psnr(tok, x: torch.Tensor, levels: Sequence[float], seed: int, dev,
-                    idx: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
-    """Per-image PSNR of decodes of the raw latents corrupted by (1-t)·z + t·3·ε at each t; ``idx`` are the
-    images' indices in the evaluation set (their ε is seeded by it; default 0..len(x)-1)."""
-    from .corruption import interpolative_noise
-    from .eval.recon import psnr
-
-    idx = list(range(len(x))) if idx is None else list(idx)
-    out = {}
-    for t in levels:
-        rec = []
-        for lo in range(0, len(x), 200):
-            z = tok.encode(x[lo:lo + 200].to(dev))
-            eps = _image_noise(z.shape[1:], seed, idx[lo:lo + 200]).to(z)
-            rec.append(tok.decode(interpolative_noise(z, float(t), 3.0, noise=eps)).clamp(-1, 1).cpu())
-        out[f"psnr_t{t:g}"] = psnr(x, _quantize(torch.cat(rec)))[1]
     return out
 
 
@@ -265,30 +233,245 @@ def _gather(local: Dict[str, tuple]) -> Dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
+class _Run:
+    """What every stage of one reproduction shares: the preset, the output folder, the process's place
+    in the torchrun group, the progress line and the feature extractors with the real images' features
+    (loaded on first need, then reused for every tokenizer). Rank 0 decides whether a stage is done and
+    writes every file; the other ranks follow its decisions."""
+
+    def __init__(self, P: ReproducePreset, out: Path, D, tok_over: Dict, gen_over: Dict, user_gen_over: Dict,
+                 ft_steps: int, prog: _Progress):
+        self.P, self.out, self.D, self.prog = P, out, D, prog
+        self.dev, self.main = D.device, D.is_main
+        self.tok_over, self.gen_over, self.user_gen_over, self.ft_steps = tok_over, gen_over, user_gen_over, ft_steps
+        self.exts = None
+        self.real_feats: Dict[str, np.ndarray] = {}
+
+    def say(self, *a, **k) -> None:
+        if self.main:
+            print(*a, **k)
+
+    def n_space(self, k: str) -> Optional[int]:
+        return self.P.n_inception if k == "inception" else None
+
+    def save(self, path: Path, obj) -> None:
+        from .engine.distributed import barrier
+
+        if self.main:
+            _save(path, obj)
+        barrier()
+
+    def done(self, path: Path) -> Optional[dict]:  # rank 0 decides, so every rank takes the same branch
+        from .engine.distributed import broadcast_object
+
+        return broadcast_object(_done(path) if self.main else None)
+
+    def finished(self, meta: Path, steps: int) -> bool:
+        from .engine.distributed import broadcast_object
+
+        ok = meta.exists() and (not steps or json.loads(meta.read_text())["step"] == steps) if self.main else None
+        return bool(broadcast_object(ok))
+
+    def stage(self, msg: str, meta: Optional[Path], steps: int, train) -> None:
+        """A training stage: ``train()`` unless ``meta`` records a finished run of ``steps`` steps."""
+        t = self.prog.stage(msg)
+        skipped = self.finished(meta, steps)
+        if not skipped:
+            train()
+        self.prog.end(t, skipped)
+
+
+def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> Tuple[Path, str]:
+    """Train (or find) variant ``v``'s tokenizer, then its decoder fine-tuning when asked; returns the
+    folder and tag of the tokenizer the generators use."""
+    from .config import resolve_tokenizer_config
+    from .engine.tokenizer_trainer import train_tokenizer
+
+    P = R.P
+    tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
+    tag = f"{v}_s{seed}_t{tok_steps}"
+    tok_dir = R.out / "tokenizers" / tag
+    over = dict(R.tok_over, seed=seed)
+    if tok_steps:
+        over["max_steps"] = tok_steps
+    R.stage(f"tokenizer {PAPER_VARIANTS[v]} seed {seed} ({tok_steps or 'preset'} steps)",
+            tok_dir / "tokenizer" / "tokenizer.json", tok_steps,
+            lambda: train_tokenizer(resolve_tokenizer_config(tpreset, over), tok_dir))
+    if not R.ft_steps:
+        return tok_dir, tag
+    # ---- decoder fine-tuning: encoder frozen, clean latents
+    base_dir, tag = tok_dir, f"{tag}_ft{R.ft_steps}"
+    tok_dir = R.out / "tokenizers" / tag
+    ft_over = dict(over, stage="decoder_ft", init_from=str(base_dir), max_steps=R.ft_steps)
+    R.stage(f"decoder fine-tuning {tag} ({R.ft_steps} steps)", tok_dir / "tokenizer" / "tokenizer.json", R.ft_steps,
+            lambda: train_tokenizer(resolve_tokenizer_config(P.decoder_ft_preset or tpreset, ft_over), tok_dir))
+    return tok_dir, tag
+
+
+def _recon_stage(R: _Run, tok_dir: Path, tag: str, seed: int, gen_evals: Dict[str, Path]):
+    """The reconstruction ceiling and robustness of one tokenizer: ``(rec, recon_feats, n)``, the
+    metrics (from disk when done), the reconstructions' features per space (only when a generator
+    evaluation still needs them) and the number of evaluation images."""
+    from .data import build_dataset
+    from .engine.distributed import barrier, broadcast_object
+    from .engine.stats import fetch_batch
+    from .eval import fd_from_features, psnr, psnr_under_noise, ssim
+    from .eval.tokenizer import run_train_config
+    from .tokenizers import load_tokenizer
+
+    P, D = R.P, R.D
+    t = R.prog.stage(f"reconstruction metrics {tag}")
+    rec_path = R.out / "eval" / f"recon_{tag}.json"
+    rec = R.done(rec_path)
+    need_feats = bool(broadcast_object(rec is None or any(not q.exists() for q in gen_evals.values())
+                                       if R.main else None))
+    if not need_feats:
+        R.prog.end(t, skipped=True)
+        return rec, {}, P.n_eval
+    tok = load_tokenizer(tok_dir).to(R.dev).eval()
+    cfg_t = run_train_config(tok_dir)
+    test = build_dataset(cfg_t.data.dataset, split=cfg_t.data.eval_split, image_size=cfg_t.model.image_size,
+                         channels=cfg_t.model.in_channels, root=cfg_t.data.data_root)
+    n = min(P.n_eval, len(test))
+    mine = list(range(D.rank, n, D.world_size))
+    x_real, _ = fetch_batch(test, mine)
+    if R.exts is None:  # rank 0 first: it trains/converts and caches the extractors' weights
+        if R.main:
+            R.exts = _extractors(P.features, R.dev, warm=True)
+        barrier()
+        R.exts = R.exts or _extractors(P.features, R.dev)
+        R.real_feats = _gather(_local_features(R.exts, x_real, mine, R.n_space))
+    with torch.no_grad():
+        x_rec = _quantize(torch.cat([tok.reconstruct(b.to(R.dev)).cpu() for b in x_real.split(200)]))
+    recon_feats = _gather(_local_features(R.exts, x_rec, mine, R.n_space))
+    if rec is not None:
+        R.prog.end(t, skipped=True)
+        return rec, recon_feats, n
+    noised = psnr_under_noise(tok, x_real, P.noise_levels, P.noise_gamma, P.noise_type, seed=seed, indices=mine,
+                              batch_size=200, device=R.dev)
+    per = {"psnr": psnr(x_real, x_rec)[1], "ssim": ssim(x_real, x_rec)[1],
+           **{f"psnr_t{lvl:g}": noised[float(lvl)]["psnr"] for lvl in P.noise_levels}}
+    per = _gather({k: (mine, vals.numpy()) for k, vals in per.items()})
+    rec = {"n_recon": n, **{k: float(vals.mean()) for k, vals in per.items()}}
+    for k in R.exts:
+        rec[f"fd_recon_real[{k}]"] = fd_from_features(recon_feats[k], R.real_feats[k])
+    R.save(rec_path, rec)
+    R.prog.end(t)
+    return rec, recon_feats, n
+
+
+def _generator_stage(R: _Run, fam: str, tag: str, tok_dir: Path, seed: int, gen_steps: int) -> Path:
+    """Train (or find) generator family ``fam`` on the tokenizer in ``tok_dir``; returns its folder."""
+    from .config import resolve_generator_config
+    from .engine.generator_trainer import train_generator
+
+    P = R.P
+    gdir = R.out / "generators" / f"{fam}_{tag}_g{gen_steps}"
+    # the preset's sample_steps replaces a --gen sample_steps=... override (kept as it always was)
+    gover = dict(R.gen_over, tokenizer=str(tok_dir), model=fam, seed=seed, sample_guidance_scale=P.guidance_scale,
+                 sample_steps=P.sample_steps)
+    if fam in P.model_args and "model_args" not in R.user_gen_over:
+        gover["model_args"] = P.model_args[fam]
+    if gen_steps:
+        gover["max_steps"] = gen_steps
+    R.stage(f"generator {fam} on {tag} ({gen_steps or 'preset'} steps)", gdir / "generator" / "generator.json",
+            gen_steps, lambda: train_generator(resolve_generator_config(P.generator_preset, gover), gdir))
+    return gdir
+
+
+def _search_guidance(R: _Run, gen, gtok, seed: int, n: int) -> Tuple[float, Dict[str, float]]:
+    """``guidance_sweep`` over the preset's scales: FD of n_search samples (Inception when measured,
+    else the first space) to the real images, on other seeds than the final samples'."""
+    from .eval import fd_from_features, guidance_sweep
+
+    P = R.P
+    space = "inception" if "inception" in R.exts else next(iter(R.exts))
+    ns = min(P.n_search, n)
+
+    def score(images, indices, _protocol) -> float:
+        f = _gather(_local_features({space: R.exts[space]}, _quantize(images), indices, lambda k: None))[space]
+        return fd_from_features(f, R.real_feats[space])
+
+    best, table = guidance_sweep(gen, gtok, P.guidance_scales, ns, score, steps=P.sample_steps, seed=seed + 500)
+    searched = {f"{g:g}": v for g, v in table.items()}
+    R.say(f"  cfg search ({space} FD, {ns} samples): {searched} -> cfg {best:g}")
+    return best, searched
+
+
+def _evaluation_stage(R: _Run, gdir: Path, seed: int, n: int, recon_feats: Dict[str, np.ndarray]) -> dict:
+    """Sample ``n`` class-balanced images (this rank: images rank, rank + world, ...; seeded seed + 1000
+    rank) at the preset's (or the searched) guidance scale; FD and KID against the real images and FD
+    against the reconstructions in every space, and a grid of the first 80."""
+    from .engine.generator_trainer import load_generator_run
+    from .eval import fd_from_features, kid_from_features
+    from .sampling import generate_images
+    from .viz import save_grid
+
+    P, D = R.P, R.D
+    gen, gtok, gm = load_generator_run(gdir, R.dev)
+    guidance_scale, searched = P.guidance_scale, {}
+    if P.guidance_scales:
+        guidance_scale, searched = _search_guidance(R, gen, gtok, seed, n)
+    mine = list(range(D.rank, n, D.world_size))
+    labels = [i % gen.num_classes for i in mine] if gen.num_classes else None
+    imgs, _ = generate_images(gen, gtok, len(mine), guidance_scale=guidance_scale, steps=P.sample_steps,
+                              seed=seed + 1000 * D.rank, labels=labels)
+    imgs = _quantize(imgs)
+    feats = _gather(_local_features(R.exts, imgs, mine, R.n_space))
+    first = [j for j, i in enumerate(mine) if i < 80]
+    grid = _gather({"grid": ([mine[j] for j in first], imgs[first].numpy() if first else None)})["grid"]
+    ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": guidance_scale, "n": n,
+          "sample_steps": P.sample_steps, "world_size": D.world_size}
+    if searched:
+        ev["cfg_search"] = json.dumps({"n": min(P.n_search, n), "fd": searched})
+    for k, f in feats.items():
+        ev[f"n[{k}]"] = len(f)
+        ev[f"fd_gen_real[{k}]"] = fd_from_features(f, R.real_feats[k])
+        ev[f"kid_gen_real[{k}]"] = kid_from_features(f, R.real_feats[k])[0]
+        ev[f"fd_gen_recon[{k}]"] = fd_from_features(f, recon_feats[k])
+    if R.main:
+        save_grid(torch.from_numpy(grid), R.out / "samples" / f"{gdir.name}.png", nrow=10)
+    return ev
+
+
+def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) -> List[dict]:
+    """Every stage of one (budget, seed, variant): tokenizer, reconstruction metrics, then per generator
+    family its training and evaluation; one result row per family."""
+    P = R.P
+    tok_dir, tag = _tokenizer_stage(R, v, seed, tok_steps)
+    gen_evals = {fam: R.out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json" for fam in P.generators}
+    rec, recon_feats, n = _recon_stage(R, tok_dir, tag, seed, gen_evals)
+    rows = []
+    for fam in P.generators:
+        gdir = _generator_stage(R, fam, tag, tok_dir, seed, gen_steps)
+        t = R.prog.stage(f"sample {n} and evaluate {gdir.name}")
+        ev = R.done(gen_evals[fam])
+        skipped = ev is not None
+        if not skipped:
+            ev = _evaluation_stage(R, gdir, seed, n, recon_feats)
+            R.save(gen_evals[fam], ev)
+        R.prog.end(t, skipped)
+        rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
+                     **({"decoder_ft_steps": R.ft_steps} if R.ft_steps else {}), "gen_steps": gen_steps, **rec, **ev})
+    return rows
+
+
 def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants: Optional[Sequence[str]] = None,
               device: str = "auto", figures_dir="figures", budgets: Optional[Sequence[Tuple[int, int]]] = None,
               tok_overrides: Optional[Dict] = None, gen_overrides: Optional[Dict] = None,
-              decoder_ft_steps: Optional[int] = None, cfg_search: Optional[Sequence[float]] = None,
+              decoder_ft_steps: Optional[int] = None, guidance_scales: Optional[Sequence[float]] = None,
               n_search: Optional[int] = None) -> List[dict]:
     """Run (or resume) a reproduction; see the module docstring. Under torchrun every rank trains (DDP)
     and evaluates its share of the images (image i on rank i mod world size; sample chunks seeded by
-    seed and rank), rank 0 decides which stages are done and writes every file."""
-    from .config import resolve_generator_config, resolve_tokenizer_config
-    from .data import build_dataset
-    from .engine.distributed import barrier, broadcast_object, cleanup, init_distributed, is_distributed
-    from .engine.generator_trainer import load_generator_run, train_generator
-    from .engine.stats import fetch_batch
-    from .engine.tokenizer_trainer import train_tokenizer
-    from .eval.recon import psnr, ssim
-    from .sampling import generate_images
-    from .tokenizers import load_tokenizer
-    from .viz import save_grid
+    seed and rank), rank 0 decides which stages are done and writes every file. ``guidance_scales``
+    (with ``n_search``) replaces the preset's guidance-scale search."""
+    from .engine.distributed import cleanup, init_distributed, is_distributed
 
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown reproduce preset {preset!r}; available: {', '.join(REPRODUCE_PRESETS)}")
     P = REPRODUCE_PRESETS[preset]
-    if cfg_search is not None or n_search is not None:
-        P = replace(P, cfg_search=tuple(P.cfg_search if cfg_search is None else cfg_search),
+    if guidance_scales is not None or n_search is not None:
+        P = replace(P, guidance_scales=tuple(P.guidance_scales if guidance_scales is None else guidance_scales),
                     n_search=P.n_search if n_search is None else int(n_search))
     seeds = list(seeds if seeds is not None else P.seeds)
     variants = list(variants or P.variants)
@@ -297,169 +480,26 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
         raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(PAPER_VARIANTS)}")
     budgets = [tuple(b) for b in (budgets or P.budgets)]
     ft_steps = P.decoder_ft_steps if decoder_ft_steps is None else int(decoder_ft_steps)
-    tok_over = {**P.tok_overrides, **(tok_overrides or {})}
-    gen_over = {**P.gen_overrides, **(gen_overrides or {})}
     out = Path(out)
     owns_group = not is_distributed()
     D = init_distributed(device)
-    dev, main = D.device, D.is_main
-    say = print if main else (lambda *a, **k: None)
     plan = []
     for tok_steps, gen_steps in budgets:
         for _ in range(len(seeds) * len(variants)):
             plan += [("tokenizer", tok_steps or 1000)] + ([("tokenizer", ft_steps)] if ft_steps else [])
             plan += [("recon", P.n_eval)]
             plan += [("generator", gen_steps or 1000), ("sample", P.n_eval)] * len(P.generators)
-    prog = _Progress(plan, verbose=main)
+    R = _Run(P, out, D, {**P.tok_overrides, **(tok_overrides or {})}, {**P.gen_overrides, **(gen_overrides or {})},
+             dict(gen_overrides or {}), ft_steps, _Progress(plan, verbose=D.is_main))
     rows: List[dict] = []
-    exts = None
-    real_feats: Dict[str, np.ndarray] = {}
-    n_space = lambda k: P.n_inception if k == "inception" else None  # noqa: E731
-
-    def save(path: Path, obj) -> None:
-        if main:
-            _save(path, obj)
-        barrier()
-
-    def done(path: Path) -> Optional[dict]:  # rank 0 decides, so every rank takes the same branch
-        return broadcast_object(_done(path) if main else None)
-
-    def finished(meta: Path, steps: int) -> bool:
-        ok = meta.exists() and (not steps or json.loads(meta.read_text())["step"] == steps) if main else None
-        return bool(broadcast_object(ok))
-
     try:
         for tok_steps, gen_steps in budgets:
             for seed in seeds:
                 for v in variants:
-                    tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
-                    tag = f"{v}_s{seed}_t{tok_steps}"
-                    tok_dir = out / "tokenizers" / tag
-                    # ---- tokenizer --------------------------------------------------------------
-                    over = dict(tok_over, seed=seed)
-                    if tok_steps:
-                        over["max_steps"] = tok_steps
-                    t = prog.stage(f"tokenizer {PAPER_VARIANTS[v]} seed {seed} ({tok_steps or 'preset'} steps)")
-                    meta = tok_dir / "tokenizer" / "tokenizer.json"
-                    skipped = finished(meta, tok_steps)
-                    if not skipped:
-                        train_tokenizer(resolve_tokenizer_config(tpreset, over), tok_dir)
-                    prog.end(t, skipped)
-                    if ft_steps:  # ---- decoder fine-tuning: encoder frozen, clean latents ----------------
-                        base_dir, tag = tok_dir, f"{tag}_ft{ft_steps}"
-                        tok_dir = out / "tokenizers" / tag
-                        t = prog.stage(f"decoder fine-tuning {tag} ({ft_steps} steps)")
-                        meta = tok_dir / "tokenizer" / "tokenizer.json"
-                        skipped = finished(meta, ft_steps)
-                        if not skipped:
-                            ft_over = dict(over, stage="decoder_ft", init_from=str(base_dir), max_steps=ft_steps)
-                            train_tokenizer(resolve_tokenizer_config(P.decoder_ft_preset or tpreset, ft_over), tok_dir)
-                        prog.end(t, skipped)
-
-                    # ---- reconstruction ceiling and robustness --------------------------------
-                    t = prog.stage(f"reconstruction metrics {tag}")
-                    rec_path = out / "eval" / f"recon_{tag}.json"
-                    rec = done(rec_path)
-                    gen_evals = {fam: out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json" for fam in P.generators}
-                    need_feats = bool(broadcast_object(rec is None or any(not q.exists() for q in gen_evals.values())
-                                                       if main else None))
-                    recon_feats: Dict[str, np.ndarray] = {}
-                    n = P.n_eval
-                    if need_feats:
-                        tok = load_tokenizer(tok_dir).to(dev).eval()
-                        cfg_t = json.loads(meta.read_text())["train_config"]
-                        test = build_dataset(cfg_t["dataset"], split=cfg_t["eval_split"],
-                                             image_size=cfg_t["image_size"], channels=cfg_t["in_channels"],
-                                             root=cfg_t.get("data_root"))
-                        n = min(P.n_eval, len(test))
-                        mine = list(range(D.rank, n, D.world_size))
-                        x_real, _ = fetch_batch(test, mine)
-                        if exts is None:  # rank 0 first: it trains/converts and caches the extractors' weights
-                            if main:
-                                exts = _extractors(P.features, dev, warm=True)
-                            barrier()
-                            exts = exts or _extractors(P.features, dev)
-                            real_feats = _gather(_local_features(exts, x_real, mine, n_space))
-                        with torch.no_grad():
-                            x_rec = _quantize(torch.cat([tok.reconstruct(b.to(dev)).cpu()
-                                                         for b in x_real.split(200)]))
-                        recon_feats = _gather(_local_features(exts, x_rec, mine, n_space))
-                    if rec is None:
-                        per = {"psnr": psnr(x_real, x_rec)[1], "ssim": ssim(x_real, x_rec)[1],
-                               **_corrupted_psnr(tok, x_real, P.noise_levels, seed, dev, idx=mine)}
-                        per = _gather({k: (mine, vals.numpy()) for k, vals in per.items()})
-                        rec = {"n_recon": n, **{k: float(vals.mean()) for k, vals in per.items()}}
-                        for k in exts:
-                            rec[f"fd_recon_real[{k}]"] = _fd(recon_feats[k], real_feats[k])
-                        save(rec_path, rec)
-                        prog.end(t)
-                    else:
-                        prog.end(t, skipped=True)
-
-                    # ---- generators -------------------------------------------------------------
-                    for fam in P.generators:
-                        gtag = f"{fam}_{tag}_g{gen_steps}"
-                        gdir = out / "generators" / gtag
-                        t = prog.stage(f"generator {fam} on {tag} ({gen_steps or 'preset'} steps)")
-                        skipped = finished(gdir / "generator" / "generator.json", gen_steps)
-                        if not skipped:
-                            gover = dict(gen_over, tokenizer=str(tok_dir), model=fam, seed=seed,
-                                         sample_cfg=P.cfg, sample_steps=P.sample_steps)
-                            if fam in P.model_args and "model_args" not in (gen_overrides or {}):
-                                gover["model_args"] = P.model_args[fam]
-                            if gen_steps:
-                                gover["max_steps"] = gen_steps
-                            train_generator(resolve_generator_config(P.generator_preset, gover), gdir)
-                        prog.end(t, skipped)
-
-                        t = prog.stage(f"sample {n} and evaluate {gtag}")
-                        ev = done(gen_evals[fam])
-                        if ev is None:
-                            gen, gtok, gm = load_generator_run(gdir, dev)
-                            cfg, searched = P.cfg, {}
-                            if P.cfg_search:  # FD of n_search samples per scale, on other seeds than the final ones
-                                space = "inception" if "inception" in exts else next(iter(exts))
-                                ns = min(P.n_search, n)
-                                part = list(range(D.rank, ns, D.world_size))
-                                lab = [i % gen.num_classes for i in part] if gen.num_classes else None
-                                for c in P.cfg_search:
-                                    x, _ = generate_images(gen, gtok, len(part), cfg=c, steps=P.sample_steps,
-                                                           seed=seed + 500 + 1000 * D.rank, labels=lab)
-                                    f = _gather(_local_features({space: exts[space]}, _quantize(x), part,
-                                                                lambda k: None))[space]
-                                    searched[f"{c:g}"] = _fd(f, real_feats[space])
-                                cfg = float(min(searched, key=searched.get))
-                                say(f"  cfg search ({space} FD, {ns} samples): {searched} -> cfg {cfg:g}")
-                            mine = list(range(D.rank, n, D.world_size))
-                            labels = [i % gen.num_classes for i in mine] if gen.num_classes else None
-                            imgs, _ = generate_images(gen, gtok, len(mine), cfg=cfg, steps=P.sample_steps,
-                                                      seed=seed + 1000 * D.rank, labels=labels)
-                            imgs = _quantize(imgs)
-                            feats = _gather(_local_features(exts, imgs, mine, n_space))
-                            first = [j for j, i in enumerate(mine) if i < 80]
-                            grid = _gather({"grid": (
-                                [mine[j] for j in first], imgs[first].numpy() if first else None)})["grid"]
-                            ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": cfg, "n": n,
-                                  "sample_steps": P.sample_steps, "world_size": D.world_size}
-                            if searched:
-                                ev["cfg_search"] = json.dumps({"n": min(P.n_search, n), "fd": searched})
-                            for k, f in feats.items():
-                                ev[f"n[{k}]"] = len(f)
-                                ev[f"fd_gen_real[{k}]"] = _fd(f, real_feats[k])
-                                ev[f"kid_gen_real[{k}]"] = _kid(f, real_feats[k])
-                                ev[f"fd_gen_recon[{k}]"] = _fd(f, recon_feats[k])
-                            if main:
-                                save_grid(torch.from_numpy(grid), out / "samples" / f"{gtag}.png", nrow=10)
-                            save(gen_evals[fam], ev)
-                            prog.end(t)
-                        else:
-                            prog.end(t, skipped=True)
-                        rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
-                                     **({"decoder_ft_steps": ft_steps} if ft_steps else {}),
-                                     "gen_steps": gen_steps, **rec, **ev})
-        if main:
+                    rows += _variant_rows(R, v, seed, tok_steps, gen_steps)
+        if R.main:
             _write_results(P, preset, rows, out, Path(figures_dir))
-        say(f"[{(time.time() - prog.t0) / 60:6.1f} min] done: {out / 'results.md'}", flush=True)
+        R.say(f"[{(time.time() - R.prog.t0) / 60:6.1f} min] done: {out / 'results.md'}", flush=True)
     finally:
         if owns_group:
             cleanup()
@@ -515,18 +555,19 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
         groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
-    cfgs = sorted({float(r["cfg"]) for r in rows})
-    cfg_text = f"{cfgs[0]:g}" if len(cfgs) == 1 else "chosen per run by FD search, see results.csv"
+    scales = sorted({float(r["cfg"]) for r in rows})
+    scale_text = f"{scales[0]:g}" if len(scales) == 1 else "chosen per run by FD search, see results.csv"
     counts = "; ".join(f"{k}: first {rows[0][f'n[{k}]']}" for k in P.features if f"n[{k}]" in rows[0])
     lines = [f"# ldetok reproduce --preset {preset}", "",
-             f"Test images and class-balanced samples (cfg {cfg_text}, EMA weights, "
+             f"Test images and class-balanced samples (cfg {scale_text}, EMA weights, "
              f"{rows[0]['sample_steps'] or 'default'} sampler steps), n = {rows[0]['n']} per set; feature spaces "
              f"({counts or ', '.join(P.features)}); seeds {sorted({r['seed'] for r in rows})}, mean ± std over seeds."
              + (f" Tokenizers after {rows[0]['decoder_ft_steps']} steps of decoder fine-tuning."
                 if rows[0].get("decoder_ft_steps") else ""),
              "",
-             "- `psnr`, `ssim`: clean reconstructions (posterior mean, 8-bit rounded); `psnr_tT`: decodes of raw "
-             "latents corrupted by (1-t)·z + t·3·ε.",
+             "- `psnr`, `ssim`: clean reconstructions (posterior mean, 8-bit rounded); `psnr_tT`: decodes (float) of "
+             "raw latents corrupted by (1-t)·z + t·3·ε, each image's ε seeded by (seed, image index) "
+             "(`ldetok.eval.psnr_under_noise`, as `ldetok eval-tokenizer --noise` measures it).",
              "- `fd_recon_real[S]`: Fréchet distance of reconstructions to the real images in space S: the "
              "reconstruction ceiling (rFID in Inception space).",
              "- `fd_gen_real[S]`, `kid_gen_real[S]`: samples against real images (gFID and KID in Inception space; "

@@ -22,9 +22,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def generate_images(gen, tok, n: int, cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
+def generate_images(gen, tok, n: int, guidance_scale: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
                     seed: int = 0, batch_size: int = 100, labels: Optional[Sequence[int]] = None):
-    """n images in [-1, 1] and their labels; class-balanced (label i % num_classes) unless given."""
+    """n images in [-1, 1] and their labels, sampled at classifier-free ``guidance_scale``;
+    class-balanced (label i % num_classes) unless given."""
     device = next(gen.parameters()).device
     if labels is None:
         labels = (torch.arange(n) % gen.num_classes).tolist() if gen.num_classes else [None] * n
@@ -34,13 +35,13 @@ def generate_images(gen, tok, n: int, cfg: float = 1.0, steps: Optional[int] = N
     for i in range(0, n, batch_size):
         lab = labels[i:min(n, i + batch_size)]
         y = None if lab[0] is None else torch.tensor(lab, device=device)
-        z = gen.sample(len(lab), labels=y, cfg=cfg, steps=steps, temperature=temperature, generator=g)
+        z = gen.sample(len(lab), labels=y, guidance_scale=guidance_scale, steps=steps, temperature=temperature, generator=g)
         out.append(tok.detokenize(z.float()).float().cpu())
         out_labels += lab
     return torch.cat(out), out_labels
 
 
-def sample_run(run_dir, n: int = 64, cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
+def sample_run(run_dir, n: int = 64, guidance_scale: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
                out=None, seed: int = 0, batch_size: int = 100, device: str = "auto",
                labels: Optional[Sequence[int]] = None) -> Path:
     from PIL import Image
@@ -51,14 +52,14 @@ def sample_run(run_dir, n: int = 64, cfg: float = 1.0, steps: Optional[int] = No
 
     dev = resolve_device(device)
     gen, tok, meta = load_generator_run(run_dir, dev)
-    images, labs = generate_images(gen, tok, n, cfg, steps, temperature, seed, batch_size, labels)
+    images, labs = generate_images(gen, tok, n, guidance_scale, steps, temperature, seed, batch_size, labels)
     out = Path(out or Path(run_dir) / "samples")
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, lab) in enumerate(zip(to_uint8(images), labs)):
         Image.fromarray(img).save(out / f"{i:05d}_class{lab if lab is not None else 'none'}.png")
     per_row = min(10, max(1, gen.num_classes)) if labels is None and gen.num_classes else 8
     save_grid(images[: min(n, 100)], out / "grid.png", nrow=per_row)
-    protocol = {"run": str(run_dir), "model": meta.get("name"), "n": n, "cfg": cfg, "steps": steps,
+    protocol = {"run": str(run_dir), "model": meta.get("name"), "n": n, "cfg": guidance_scale, "steps": steps,
                 "temperature": temperature, "seed": seed, "ema": meta.get("ema", True),
                 "tokenizer": meta.get("tokenizer"), "class_balanced": labels is None}
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2))

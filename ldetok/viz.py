@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import corruption as C
+from .eval.recon import image_noise
 
 __all__ = ["to_numpy_image", "save_grid", "corruption_sweeps", "plot_corruption_sweeps"]
 
@@ -44,16 +45,16 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:
 @torch.no_grad()
 def corruption_sweeps(tokenizer, x: torch.Tensor, levels: Sequence[float], ratios: Sequence[float],
                       gamma: float = 3.0, noise_type: str = "interpolative", seed: int = 18):
-    """Decode ``x``'s latents corrupted at each noise level (one shared ε, as the official demo) and at
-    each mask ratio (masking in the encoder, mask tokens in the decoder, through the denoising pass).
-    ``gamma`` and ``noise_type`` are the tokenizer run's own (``ldetok.eval.tokenizer.run_corruption``).
+    """Decode ``x``'s latents corrupted at each noise level (one ε per image, shared by the levels and
+    drawn as ``ldetok.eval.image_noise`` draws it for image ``i`` of ``x``) and at each mask ratio
+    (masking in the encoder, mask tokens in the decoder, through the denoising pass). ``gamma`` and
+    ``noise_type`` are the tokenizer run's own (``ldetok.eval.tokenizer.run_corruption``).
 
     Returns ``{"noise": (len(levels), B, C, H, W), "mask": (len(ratios), B, C, H, W)}`` in [-1, 1].
     """
     tokenizer.eval()
-    g = torch.Generator().manual_seed(seed)
     z = tokenizer.encode(x)
-    eps = torch.randn(z.shape, generator=g).to(z)
+    eps = image_noise(z.shape[1:], seed, range(x.shape[0])).to(z)
     noise = torch.stack([tokenizer.decode(C.apply_noise(z, t, gamma, noise_type, noise=eps)).clamp(-1, 1)
                          for t in levels])
     masks = []

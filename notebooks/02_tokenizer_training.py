@@ -86,7 +86,7 @@ plt.show()
 
 # %%
 tok = load_tokenizer(tok_run).eval()
-x, _ = nb.images(cfg["dataset"], N_SHOW, cfg.get("eval_split", "test"), cfg["image_size"], cfg["in_channels"])
+x, _ = nb.images(cfg.data.dataset, N_SHOW, cfg.data.eval_split, cfg.model.image_size, cfg.model.in_channels)
 with torch.no_grad():
     rec = tok.decode(tok.encode(x)).clamp(-1, 1)
 path = save_grid(torch.cat([x, rec]), nb.figure_path("nb02_reconstructions", FIGURES_DIR), nrow=N_SHOW)

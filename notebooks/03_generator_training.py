@@ -85,7 +85,7 @@ display(Image(filename=str(grid)))
 # ## cfg sweep, then gFID / KID at the best cfg
 
 # %%
-ev = evaluate_generator_run(gen_run, n=N_EVAL, cfg_sweep=CFGS, n_search=N_SEARCH, extractors=FEATURES,
+ev = evaluate_generator_run(gen_run, n=N_EVAL, guidance_scales=CFGS, n_search=N_SEARCH, extractors=FEATURES,
                             sweep_extractor=SWEEP_FEATURES, steps=SAMPLE_STEPS, seed=SEED, device=DEVICE)
 sweep = ev["sweep"]
 fig, ax = plt.subplots(figsize=(5, 3))

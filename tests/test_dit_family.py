@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldetok.generators.dit import DiT, DiT_models, cfg_combine, patchify, unpatchify
+from ldetok.generators.base import patchify, unpatchify
+from ldetok.generators.dit import DiT, DiT_models, cfg_combine
 from ldetok.generators.flow import time_shift
 from ldetok.generators.lightningdit import LightningDiT, LightningDiT_models, rope_2d_tables
 from ldetok.generators.sit import SiT, SiT_models
@@ -133,14 +134,14 @@ def test_grad_checkpointing_matches(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_sample_shapes_and_determinism(kind):
     m = perturbed(kind)
-    a = m.sample(4, labels=None, cfg=1.0, generator=g(0), **STEPS[kind])
-    b = m.sample(4, labels=torch.tensor([1, 0, 1, 1]), cfg=2.0, generator=g(0), **STEPS[kind])
-    c = m.sample(4, labels=1, cfg=1.0, generator=g(0), **STEPS[kind])
+    a = m.sample(4, labels=None, guidance_scale=1.0, generator=g(0), **STEPS[kind])
+    b = m.sample(4, labels=torch.tensor([1, 0, 1, 1]), guidance_scale=2.0, generator=g(0), **STEPS[kind])
+    c = m.sample(4, labels=1, guidance_scale=1.0, generator=g(0), **STEPS[kind])
     for s in (a, b, c):
         assert s.shape == (4, *LATENT) and torch.isfinite(s).all()
-    assert torch.equal(a, m.sample(4, labels=None, cfg=1.0, generator=g(0), **STEPS[kind]))
+    assert torch.equal(a, m.sample(4, labels=None, guidance_scale=1.0, generator=g(0), **STEPS[kind]))
     with pytest.raises(ValueError):
-        m.sample(4, cfg=0.5, generator=g(0), **STEPS[kind])
+        m.sample(4, guidance_scale=0.5, generator=g(0), **STEPS[kind])
     with pytest.raises(ValueError):
         m.sample(4, labels=torch.tensor([0, 1]), generator=g(0), **STEPS[kind])
 
@@ -153,9 +154,9 @@ def test_cfg_one_is_conditional_sampler_and_cfg_above_one_differs(kind):
     kw = dict(STEPS[kind])
     steps = kw.pop("steps")
     cond_only = m.run_sampler(m.predict, 4, labels, steps=steps, generator=g(4), **kw)
-    at_one = m.sample(4, labels=labels, cfg=1.0, steps=steps, generator=g(4), **kw)
+    at_one = m.sample(4, labels=labels, guidance_scale=1.0, steps=steps, generator=g(4), **kw)
     assert torch.equal(at_one, cond_only)
-    guided = m.sample(4, labels=labels, cfg=3.0, steps=steps, generator=g(4), **kw)
+    guided = m.sample(4, labels=labels, guidance_scale=3.0, steps=steps, generator=g(4), **kw)
     assert (guided - at_one).abs().max() > 1e-3
 
 
@@ -184,11 +185,11 @@ def test_dit_legacy_first3_channels():
         out = m.guided_fn(4.0, channels=3)(x, t, y)
     assert torch.allclose(out[:, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), atol=1e-5)
     assert torch.allclose(out[:, 3:], cond[:, 3:], atol=1e-5)
-    first3 = m.sample(2, labels=0, cfg=4.0, steps=4, generator=g(0), cfg_channels="first3")
-    all_ch = m.sample(2, labels=0, cfg=4.0, steps=4, generator=g(0))
+    first3 = m.sample(2, labels=0, guidance_scale=4.0, steps=4, generator=g(0), cfg_channels="first3")
+    all_ch = m.sample(2, labels=0, guidance_scale=4.0, steps=4, generator=g(0))
     assert not torch.allclose(first3, all_ch)
     with pytest.raises(ValueError):
-        m.sample(2, cfg=2.0, steps=4, cfg_channels="first4")
+        m.sample(2, guidance_scale=2.0, steps=4, cfg_channels="first4")
     assert torch.allclose(cfg_combine(cond, uncond, 1.0, 16), cond, atol=1e-6)
 
 
@@ -230,7 +231,7 @@ def test_lightningdit_cfg_interval_only_at_t_above_010():
 
     m.predict = recorder
     try:
-        out = m.sample(n, labels=1, cfg=2.0, steps=steps, generator=g(0))
+        out = m.sample(n, labels=1, guidance_scale=2.0, steps=steps, generator=g(0))
     finally:
         del m.predict
     assert out.shape == (n, *LATENT)
@@ -315,9 +316,9 @@ def test_rope_layout_and_relative_property():
 @pytest.mark.parametrize("kind", KINDS)
 def test_config_round_trip_and_unconditional(kind):
     m = perturbed(kind, qk_norm=True)
-    cfg = m.config_dict()
-    assert m.kind == kind and cfg["qk_norm"] is True
-    m2 = type(m)(**cfg).eval()
+    conf = m.config_dict()
+    assert m.kind == kind and conf["qk_norm"] is True
+    m2 = type(m)(**conf).eval()
     m2.load_state_dict(m.state_dict())
     x, y = toy_data(2)
     t = torch.full((2,), 0.3) if kind != "dit" else torch.full((2,), 300)

@@ -13,11 +13,14 @@ from ldetok.eval import (
     MetricResult,
     ensure_inception_weights,
     evaluate_reconstruction,
+    fd_from_features,
     fid_from_stats,
+    image_noise,
     inception_score_available,
     kid_from_features,
     load_reference_stats,
     psnr,
+    psnr_under_noise,
     reference_stats,
     save_reference_stats,
     ssim,
@@ -55,6 +58,7 @@ def test_fid_matches_direct_scipy_and_torch_fidelity():
         got = fid_from_stats(mu1, s1, mu2, s2, method=method)
         assert got == pytest.approx(direct, rel=1e-8)
         assert got == pytest.approx(tf["frechet_inception_distance"], rel=1e-8)
+    assert fd_from_features(f1, f2) == pytest.approx(direct, rel=1e-8)  # the same distance from the features
 
 
 def test_fid_self_is_zero_even_when_singular():
@@ -343,9 +347,6 @@ def test_evaluate_reconstruction_corruption_gray_cache(tmp_path):
     ext = _FakeExtractor()
     tok = IdentityTokenizer(1)
 
-    def noise_03(z):
-        return z + 0.1 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
-
     lp = lambda a, b: (a - b).abs().mean((1, 2, 3))
     clean = evaluate_reconstruction(
         tok, ds, 10, "cpu", "toy/val", batch_size=4, extractor=ext, cache_dir=tmp_path
@@ -360,14 +361,18 @@ def test_evaluate_reconstruction_corruption_gray_cache(tmp_path):
         batch_size=4,
         extractor=ext,
         cache_dir=tmp_path,
-        corruption=noise_03,
+        noise_level=0.3,
+        gamma=0.3,
         lpips_fn=lp,
     )
     assert ext.calls - calls_clean == 3  # recon only: the reference came from the cache
     assert clean["rfid"].value == pytest.approx(0.0, abs=1e-6)
     assert np.isfinite(noisy["psnr"].value) and noisy["psnr"].value < clean["psnr"].value
     assert noisy["ssim"].value < 1 and noisy["rfid"].value > 0
-    assert noisy["lpips"].value > 0 and noisy["psnr"].protocol["corruption"] == "noise_03"
+    assert noisy["lpips"].value > 0 and noisy["psnr"].protocol["corruption"].startswith("interpolative t=0.3 gamma=0.3")
+    # the same decodes as psnr_under_noise (identity tokenizer: (1 - t) x + t γ ε, clamped)
+    per = psnr_under_noise(tok, imgs[:10], [0.3], gamma=0.3, noise_type="interpolative", seed=0)[0.3]["psnr"]
+    assert noisy["psnr"].value == pytest.approx(float(per.mean()), rel=1e-6)
     # iterable sources: exactly the first n images, no padding
     loader = [(imgs[i : i + 4], None) for i in range(0, 12, 4)]
     it = evaluate_reconstruction(
@@ -401,3 +406,27 @@ def test_weights_info_sidecar_rules(tmp_path):
     assert weights_info(tmp_path)["converted"] and not inception_score_available(tmp_path)
     path.write_bytes(b"y" * 11)  # replaced by another file: the record no longer describes it
     assert inception_score_available(tmp_path)
+
+
+def test_psnr_under_noise_reference_and_independence():
+    """Each image's ε is seeded by (seed, its index): the values match a hand computation and do not
+    depend on the batch size or on which other images are evaluated with it."""
+    from ldetok.corruption import apply_noise
+
+    x = _smooth_images(5, 1, 16, seed=3)
+    tok = IdentityTokenizer(1)  # decode(encode(x)) = x: the reconstruction is the noised image itself
+    out = psnr_under_noise(tok, x, [0.4], gamma=3.0, noise_type="additive", seed=7, batch_size=2)[0.4]
+    eps = torch.stack([torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(7 * 1_000_003 + i))
+                       for i in range(5)])
+    assert torch.equal(image_noise((1, 16, 16), 7, range(5)), eps)
+    ref = apply_noise(x, 0.4, 3.0, "additive", noise=eps).clamp(-1, 1)
+    assert torch.allclose(out["psnr"], psnr(ref, x)[1]) and torch.allclose(out["ssim"], ssim(ref, x)[1])
+    for bs in (1, 5):
+        again = psnr_under_noise(tok, x, [0.4], gamma=3.0, noise_type="additive", seed=7, batch_size=bs)[0.4]
+        assert torch.equal(again["psnr"], out["psnr"])
+    alone = psnr_under_noise(tok, x[3:], [0.4], gamma=3.0, noise_type="additive", seed=7, indices=[3, 4])[0.4]
+    assert torch.equal(alone["psnr"], out["psnr"][3:])
+    other = psnr_under_noise(tok, x, [0.4], gamma=3.0, noise_type="additive", seed=8)[0.4]
+    assert not torch.allclose(other["psnr"], out["psnr"])
+    with pytest.raises(ValueError, match="indices"):
+        psnr_under_noise(tok, x, [0.4], indices=[0, 1])

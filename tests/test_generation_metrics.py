@@ -1,7 +1,7 @@
 """ldetok.eval.generation / classifier: precision-recall against a direct numpy implementation,
 FID/KID through evaluate_generation against closed forms and kid_from_features (stub extractors,
 so no Inception runs except one 8-image check), references from datasets and .npz files, PNG round
-trips, the Fashion-MNIST classifier (trained on a subset, cached, class consistency) and cfg sweeps."""
+trips, the Fashion-MNIST classifier (trained on a subset, cached, class consistency) and guidance sweeps."""
 
 import json
 
@@ -22,14 +22,15 @@ from ldetok.eval import (
 from ldetok.eval import generation as G
 from ldetok.eval.classifier import ClassifierFeatures, train_classifier
 from ldetok.eval.generation import (
-    cfg_sweep,
     evaluate_generation,
     evaluate_generator,
     evaluate_generator_run,
+    guidance_sweep,
     precision_recall,
+    reference_score,
     write_samples_png,
 )
-from ldetok.sampling import to_uint8
+from ldetok.sampling import generate_images, to_uint8
 
 
 @pytest.fixture(autouse=True)
@@ -270,7 +271,7 @@ def test_real_inception_small(tmp_path):
 
 # ---- sweeps with a stub generator -----------------------------------------------------------------
 class StubGenerator(torch.nn.Module):
-    """'Latents' whose mean moves with |cfg - 2.5|: the sweep must pick 2.5."""
+    """'Latents' whose mean moves with |guidance_scale - 2.5|: the sweep must pick 2.5."""
 
     kind = "stub"
     num_classes = 10
@@ -280,9 +281,9 @@ class StubGenerator(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.calls = []
 
-    def sample(self, n, labels=None, cfg=1.0, steps=None, temperature=1.0, generator=None):
-        self.calls.append((cfg, None if labels is None else labels.tolist()))
-        return torch.randn(n, 1, 16, 16, generator=generator) * 0.3 + 0.4 * abs(cfg - 2.5)
+    def sample(self, n, labels=None, guidance_scale=1.0, steps=None, temperature=1.0, generator=None):
+        self.calls.append((guidance_scale, None if labels is None else labels.tolist()))
+        return torch.randn(n, 1, 16, 16, generator=generator) * 0.3 + 0.4 * abs(guidance_scale - 2.5)
 
 
 class StubTokenizer:
@@ -299,20 +300,31 @@ def sweep_setup(tmp_path):
 
 
 @pytest.mark.parametrize("metric", ["fid", "kid"])
-def test_cfg_sweep_picks_the_minimum(sweep_setup, metric):
+def test_guidance_sweep_picks_the_minimum(sweep_setup, metric):
     ext, npz = sweep_setup
     gen = StubGenerator()
-    best, table = cfg_sweep(gen, StubTokenizer(), [1.0, 2.0, 2.5, 3.5], 40, npz, extractor=ext, metric=metric,
-                            kid_subsets=10, kid_subset_size=20)
+    score = reference_score(npz, extractor=ext, metric=metric, kid_subsets=10, kid_subset_size=20)
+    best, table = guidance_sweep(gen, StubTokenizer(), [1.0, 2.0, 2.5, 3.5], 40, score)
     assert list(table) == [1.0, 2.0, 2.5, 3.5] and best == 2.5
-    assert best == min(table, key=lambda c: table[c].value)
+    assert best == min(table, key=lambda g: table[g].value)
     assert table[1.0].protocol["cfg"] == 1.0 and table[1.0].protocol["n"] == 40
     assert gen.calls[0][1] == [i % 10 for i in range(40)]  # class-balanced
+    # a plain-number score (reproduce's FD): the samples and their indices, the first listed wins a tie
+    seen = []
+
+    def flat(images, indices, protocol):
+        seen.append((images, list(indices), protocol["cfg"]))
+        return 1.0
+
+    best, table = guidance_sweep(gen, StubTokenizer(), [3.0, 2.0], 6, flat, seed=4)
+    assert best == 3.0 and table == {3.0: 1.0, 2.0: 1.0} and seen[0][1:] == (list(range(6)), 3.0)
+    assert torch.equal(seen[0][0], generate_images(gen, StubTokenizer(), 6, 3.0, seed=4)[0])  # one process
+    with pytest.raises(ValueError, match="empty"):
+        guidance_sweep(gen, StubTokenizer(), [], 6, flat)
 
 
 def test_evaluate_generator_and_run(sweep_setup, tmp_path, monkeypatch):
     from ldetok.engine import generator_trainer
-    from ldetok.sampling import generate_images
 
     ext, npz = sweep_setup
     gen, tok = StubGenerator(), StubTokenizer()
@@ -328,7 +340,7 @@ def test_evaluate_generator_and_run(sweep_setup, tmp_path, monkeypatch):
     run = tmp_path / "run"
     monkeypatch.setattr(generator_trainer, "load_generator_run",
                         lambda run_dir, device="cpu": (gen, tok, {"name": "stub", "tokenizer": "/x/tok", "ema": True}))
-    out = evaluate_generator_run(run, n=30, cfg_sweep=[1.0, 2.5, 4.0], n_search=20, reference=npz,
+    out = evaluate_generator_run(run, n=30, guidance_scales=[1.0, 2.5, 4.0], n_search=20, reference=npz,
                                  extractors={"inception": ext}, sweep_extractor=ext, device="cpu", verbose=False,
                                  kid_subset_size=10)
     path = run / "eval" / "gen_n30_cfg2.5.json"

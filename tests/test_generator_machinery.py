@@ -457,12 +457,12 @@ def test_diffloss_sample_and_cfg(gen):
     assert (d.sample(z, generator=torch.Generator().manual_seed(5)) - x).abs().min() > 1e-4  # another seed
     # cfg != 1: [cond; uncond] in, equal halves out
     uncond = torch.randn(6, 5, generator=gen)
-    y = d.sample(torch.cat([z, uncond]), cfg=3.0, temperature=0.9, generator=torch.Generator().manual_seed(4))
+    y = d.sample(torch.cat([z, uncond]), guidance_scale=3.0, temperature=0.9, generator=torch.Generator().manual_seed(4))
     assert y.shape == (12, 3)
     torch.testing.assert_close(y[:6], y[6:])
     assert not torch.allclose(y[:6], d.sample(z, temperature=0.9, generator=torch.Generator().manual_seed(4)))
     # with cond == uncond guidance changes nothing: the same draws give the plain samples
-    same = d.sample(torch.cat([z, z]), cfg=3.0, generator=torch.Generator().manual_seed(4))
+    same = d.sample(torch.cat([z, z]), guidance_scale=3.0, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(same[:6], x, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="even"):
-        d.sample(z[:5], cfg=2.0)
+        d.sample(z[:5], guidance_scale=2.0)

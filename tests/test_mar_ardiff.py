@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from ldetok.generators.ardiff import ARDiff, ARDiff_models
-from ldetok.generators.mar import (
-    MAR, MAR_models, cosine_mask_schedule, load_official_mar, patchify, sample_mask_ratio, unpatchify,
-)
+from ldetok.generators.base import patchify, unpatchify
+from ldetok.generators.mar import MAR, MAR_models, cosine_mask_schedule, load_official_mar, truncnorm_mask_ratio
 
 SHAPE = (16, 4, 4)
 L = 16
@@ -99,7 +98,7 @@ def test_bad_latent_shape_is_refused():
 def test_sample_shapes_and_determinism(kind):
     model = (_mar() if kind == "mar" else _ardiff()).eval()
     for labels in (None, torch.tensor([0, 1, 1])):
-        a = model.sample(3, labels=labels, cfg=2.0, generator=torch.Generator().manual_seed(5))
+        a = model.sample(3, labels=labels, guidance_scale=2.0, generator=torch.Generator().manual_seed(5))
         assert a.shape == (3, *SHAPE) and torch.isfinite(a).all()
     a = model.sample(3, labels=1, generator=torch.Generator().manual_seed(5))
     b = model.sample(3, labels=1, generator=torch.Generator().manual_seed(5))
@@ -108,12 +107,12 @@ def test_sample_shapes_and_determinism(kind):
 
 
 def _record_diffloss(model):
-    """Wrap diffloss.sample to record (rows, cfg) per call."""
+    """Wrap diffloss.sample to record (rows, guidance_scale) per call."""
     calls, orig = [], model.diffloss.sample
 
-    def rec(z, temperature=1.0, cfg=1.0, generator=None):
-        calls.append((z.shape[0], cfg))
-        return orig(z, temperature=temperature, cfg=cfg, generator=generator)
+    def rec(z, temperature=1.0, guidance_scale=1.0, generator=None):
+        calls.append((z.shape[0], guidance_scale))
+        return orig(z, temperature=temperature, guidance_scale=guidance_scale, generator=generator)
 
     model.diffloss.sample = rec
     return calls
@@ -131,13 +130,14 @@ def test_cfg_one_takes_the_plain_conditional_path(kind):
     first = model.encoder_blocks[0] if kind == "mar" else model.transformer.blocks[0]
     calls, batch = _record_diffloss(model), _record_batch(first)
     labels = torch.tensor([0, 1])
-    plain = model.sample(2, labels=labels, cfg=1.0, generator=torch.Generator().manual_seed(3))
+    plain = model.sample(2, labels=labels, guidance_scale=1.0, generator=torch.Generator().manual_seed(3))
     assert set(batch) == {2} and all(c == 1.0 for _, c in calls)  # never doubled, never guided
     assert sum(r for r, _ in calls) == 2 * L  # every token sampled once, no null-class rows
-    again = model.sample(2, labels=labels, cfg=1.0, cfg_schedule="constant", generator=torch.Generator().manual_seed(3))
+    again = model.sample(2, labels=labels, guidance_scale=1.0, cfg_schedule="constant",
+                         generator=torch.Generator().manual_seed(3))
     assert torch.equal(plain, again)  # the schedule is irrelevant when there is no guidance
     calls.clear(), batch.clear()
-    model.sample(2, labels=labels, cfg=3.0, generator=torch.Generator().manual_seed(3))
+    model.sample(2, labels=labels, guidance_scale=3.0, generator=torch.Generator().manual_seed(3))
     assert set(batch) == {4} and sum(r for r, _ in calls) == 2 * 2 * L  # [cond; uncond]
 
 
@@ -154,19 +154,20 @@ def test_mar_cosine_schedule_and_linear_cfg():
 
     model = _mar().eval()
     calls = _record_diffloss(model)
-    n, cfg, steps = 2, 4.0, 8
-    model.sample(n, labels=torch.tensor([0, 1]), cfg=cfg, steps=steps, generator=torch.Generator().manual_seed(0))
+    n, scale, steps = 2, 4.0, 8
+    model.sample(n, labels=torch.tensor([0, 1]), guidance_scale=scale, steps=steps,
+                 generator=torch.Generator().manual_seed(0))
     sched = cosine_mask_schedule(L, steps)
     remaining = [L] + sched[:-1] + [0]
     assert [r for r, _ in calls] == [2 * n * (a - b) for a, b in zip(remaining, remaining[1:])]
-    # MAR's linear ramp: 1 + (cfg - 1) * (L - mask_len) / L with mask_len the masked count after the step
-    assert [c for _, c in calls] == pytest.approx([1 + (cfg - 1) * (L - m) / L for m in sched])
+    # MAR's linear ramp: 1 + (scale - 1) * (L - mask_len) / L with mask_len the masked count after the step
+    assert [c for _, c in calls] == pytest.approx([1 + (scale - 1) * (L - m) / L for m in sched])
 
 
 def test_ardiff_linear_cfg_ramp():
     model = _ardiff().eval()
     calls = _record_diffloss(model)
-    model.sample(2, labels=torch.tensor([0, 1]), cfg=3.0, generator=torch.Generator().manual_seed(0))
+    model.sample(2, labels=torch.tensor([0, 1]), guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert [c for _, c in calls] == pytest.approx([1 + 2.0 * s / L for s in range(L)])
     with pytest.raises(ValueError, match="steps must be None or 16"):
         model.sample(2, steps=8)
@@ -177,7 +178,7 @@ def test_ardiff_linear_cfg_ramp():
 # ---------------------------------------------------------------------------------------------
 def test_mar_mask_ratio_truncated_normal():
     g = torch.Generator().manual_seed(0)
-    r = torch.tensor([sample_mask_ratio(0.7, g) for _ in range(4000)], dtype=torch.float64)
+    r = torch.tensor([truncnorm_mask_ratio(0.7, g) for _ in range(4000)], dtype=torch.float64)
     assert r.min() >= 0.7 and r.max() <= 1.0
     # mean of N(1, 0.25) truncated to [0.7, 1]: 1 + 0.25 (phi(a) - phi(0)) / (Phi(0) - Phi(a)), a = -1.2
     a = torch.tensor(-1.2, dtype=torch.float64)
@@ -205,8 +206,8 @@ def test_ardiff_kv_cache_matches_uncached(order):
     batch = _record_batch(model.transformer.blocks[0])
     tokens = []
     model.transformer.blocks[0].register_forward_hook(lambda m, inp, out: tokens.append(inp[0].shape[1]))
-    for cfg in (1.0, 2.5):
-        kw = dict(labels=torch.tensor([0, 1, 1]), cfg=cfg, temperature=0.9)
+    for guidance_scale in (1.0, 2.5):
+        kw = dict(labels=torch.tensor([0, 1, 1]), guidance_scale=guidance_scale, temperature=0.9)
         cached = model.sample(3, generator=torch.Generator().manual_seed(7), use_kv_cache=True, **kw)
         n_cached = sum(tokens)
         tokens.clear()
@@ -259,12 +260,13 @@ def test_config_roundtrip_and_grad_checkpointing(kind):
 
 def test_patch_size_two():
     x = torch.randn(2, *SHAPE)
-    assert torch.equal(unpatchify(patchify(x, 2), 16, 4, 4, 2), x)
-    assert patchify(x, 2).shape == (2, 4, 64)
+    assert torch.equal(unpatchify(patchify(x, 2, channel_major=True), 2, 16, 4, 4, channel_major=True), x)
+    assert patchify(x, 2, channel_major=True).shape == (2, 4, 64)
+    assert torch.equal(patchify(x, 2, channel_major=True)[0, 1, :4], x[0, 0, :2, 2:4].reshape(-1))  # (c, p, q)
     for model in (_mar(patch_size=2, buffer_size=2), _ardiff(patch_size=2)):
         assert model.seq_len == 4 and model.token_embed_dim == 64
         assert torch.isfinite(model.loss(x, torch.tensor([0, 1])))
-        assert model.eval().sample(2, cfg=2.0, generator=torch.Generator().manual_seed(0)).shape == (2, *SHAPE)
+        assert model.eval().sample(2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0)).shape == (2, *SHAPE)
     with pytest.raises(ValueError, match="patch_size"):
         _mar(patch_size=3)
 
@@ -363,7 +365,7 @@ def test_load_official_mar_strict(tmp_path):
     assert set(sd) == set(ema) and all(torch.equal(sd[k], ema[k]) for k in ema)
     model = load_official_mar(path, model="mar_base", ema=False, **TINY)
     assert torch.equal(model.state_dict()["encoder_blocks.1.attn.qkv.weight"], raw["encoder_blocks.1.attn.qkv.weight"])
-    out = model.sample(2, labels=torch.tensor([3, 4]), cfg=2.0, steps=4, generator=torch.Generator().manual_seed(0))
+    out = model.sample(2, labels=torch.tensor([3, 4]), guidance_scale=2.0, steps=4, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, *SHAPE)
 
     # EMA stored as a list in parameter order (SimpleEMAModel's legacy format)

@@ -131,7 +131,7 @@ def _test_images(tok_run: Path, n: int) -> torch.Tensor:
     from ldetok.eval.tokenizer import run_train_config
 
     cfg = run_train_config(tok_run)
-    ds = build_dataset(cfg["dataset"], "test", cfg["image_size"], cfg["in_channels"])
+    ds = build_dataset(cfg.data.dataset, "test", cfg.model.image_size, cfg.model.in_channels)
     return torch.stack([ds[i][0] for i in range(n)])
 
 
@@ -148,12 +148,14 @@ def _psnr_ssim(rec: torch.Tensor, x: torch.Tensor) -> tuple:
 
 @torch.no_grad()
 def _decode_clean_and_noisy(tok_run: Path, x: torch.Tensor, t: float, gamma: float, seed: int) -> tuple:
-    """Latents of ``x``; clean decodes; decodes of ``(1 - t) z + t gamma eps`` with eps drawn from ``seed``."""
+    """Latents of ``x``; clean decodes; decodes of ``(1 - t) z + t gamma eps``, image i's eps drawn from a
+    generator seeded by (``seed``, i) (the evaluation protocol's per-image noise)."""
     from ldetok.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tok_run).eval()
     z = tok.encode(x)
-    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+    eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                       for i in range(len(z))])
     noisy = tok.decode((1 - t) * z + t * gamma * eps).clamp(-1, 1)
     return z, tok.decode(z).clamp(-1, 1), noisy
 

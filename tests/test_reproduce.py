@@ -66,27 +66,44 @@ def test_quantize_rounds_like_png():
     assert torch.equal(R._quantize(q), q)  # idempotent: already 8-bit values stay put
 
 
-def test_corrupted_psnr_reference():
-    """t=0 decodes the clean latents; t>0 equals decoding (1-t)z + 3tε with each image's seeded ε, computed
-    by hand; an image's ε depends on its index only, not on which other images share its batch."""
-    from ldetok.eval.recon import psnr
-    from ldetok.tokenizers import build
+class _MomentFeatures:
+    """A cheap stand-in extractor: per-image mean and std."""
 
-    torch.manual_seed(0)
-    tok = build("detok_TT", image_size=16, patch_size=4, in_channels=1, latent_channels=4).eval()
-    x = torch.rand(3, 1, 16, 16) * 2 - 1
-    out = R._corrupted_psnr(tok, x, (0.0, 0.5), seed=7, dev="cpu")
-    assert out["psnr_t0"].shape == (3,)
-    assert torch.allclose(out["psnr_t0"], psnr(x, R._quantize(tok.reconstruct(x)))[1])
-    with torch.no_grad():
-        z = tok.encode(x)
-        eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(7 * 1_000_003 + i))
-                           for i in range(3)])
-        ref = R._quantize(tok.decode(0.5 * z + 0.5 * 3.0 * eps).clamp(-1, 1))
-    assert torch.allclose(out["psnr_t0.5"], psnr(x, ref)[1])
-    # the last image alone, with its index, gets the same ε and the same PSNR
-    alone = R._corrupted_psnr(tok, x[2:], (0.5,), seed=7, dev="cpu", idx=[2])
-    assert torch.allclose(alone["psnr_t0.5"], out["psnr_t0.5"][2:])
+    def features(self, images):
+        x = torch.cat(list(images)) if not torch.is_tensor(images) else images
+        return torch.stack([x.flatten(1).mean(1), x.flatten(1).std(1)], 1).numpy()
+
+
+def test_psnr_under_noise_one_protocol(tok_run, tmp_path, monkeypatch):
+    """PSNR at t=0.5 of one tokenizer run and seed is the same number from `ldetok eval-tokenizer`, from
+    reproduce's reconstruction stage and from notebook 05's helper, whatever their batch sizes."""
+    from dataclasses import replace
+
+    from ldetok import notebook as nb
+    from ldetok.engine.distributed import init_distributed
+    from ldetok.eval.tokenizer import evaluate_tokenizer_run, run_train_config
+    from ldetok.tokenizers import load_tokenizer
+
+    n, seed = 10, 3
+    ev = evaluate_tokenizer_run(tok_run, n=n, noise_levels=[0.5], rfid=False, batch_size=4, device="cpu", seed=seed,
+                                verbose=False)
+    from_eval = ev["t=0.5"]["psnr"]["value"]
+
+    P = replace(R.REPRODUCE_PRESETS["tiny"], n_eval=n, noise_levels=(0.5,), features=("moments",))
+    monkeypatch.setattr(R, "_extractors", lambda names, device, warm=False: {k: _MomentFeatures() for k in names})
+    run = R._Run(P, tmp_path, init_distributed("cpu"), {}, {}, {}, 0, R._Progress([("recon", n)], verbose=False))
+    rec, _, _ = R._recon_stage(run, tok_run, "tiny", seed, {})
+    assert json.loads((tmp_path / "eval" / "recon_tiny.json").read_text()) == rec
+
+    cfg = run_train_config(tok_run)
+    x, _ = nb.images(cfg["dataset"], n, cfg["eval_split"], cfg["image_size"], cfg["in_channels"])
+    from_nb = nb.psnr_sweep(load_tokenizer(tok_run).eval(), x, [0.5], (), 3.0, "interpolative", seed)["psnr_noise"][0]
+
+    assert math.isfinite(from_eval) and from_eval > 0
+    assert rec["psnr_t0.5"] == pytest.approx(from_eval, rel=1e-6)
+    assert from_nb == pytest.approx(from_eval, rel=1e-6)
+    other = nb.psnr_sweep(load_tokenizer(tok_run).eval(), x, [0.5], (), 3.0, "interpolative", seed + 1)["psnr_noise"][0]
+    assert other != pytest.approx(from_eval, rel=1e-6)  # the seed matters: the agreement is not trivial
 
 
 def test_gather_joins_rank_shards_in_index_order(monkeypatch):
@@ -201,8 +218,9 @@ def test_reproduce_with_decoder_finetuning(tmp_path):
 
 
 @pytest.mark.slow
-def test_reproduce_cfg_search(tmp_path):
-    """--cfg-search: each scale is scored by FD on n_search samples; the final evaluation uses the best."""
+def test_reproduce_guidance_search(tmp_path):
+    """--cfg-search: each guidance scale is scored by FD on n_search samples; the final evaluation uses the
+    best."""
     out = tmp_path / "cfg"
     assert cli(["reproduce", "--preset", "tiny", "--variants", "ae", "--budgets", "2:2", "--cfg-search", "1,4",
                 "--n-search", "8", "--out", str(out), "--figures", str(tmp_path / "figs")]) == 0
@@ -234,7 +252,8 @@ def test_every_preset_resolves_and_builds(name):
                                      dict(P.tok_overrides, stage="decoder_ft", init_from="x", max_steps=1))
     assert set(P.variants) <= set(R.PAPER_VARIANTS)
     for fam in P.generators:
-        gover = dict(P.gen_overrides, tokenizer="x", model=fam, seed=0, sample_guidance_scale=P.cfg, sample_steps=P.sample_steps)
+        gover = dict(P.gen_overrides, tokenizer="x", model=fam, seed=0, sample_guidance_scale=P.guidance_scale,
+                     sample_steps=P.sample_steps)
         if fam in P.model_args:
             gover["model_args"] = P.model_args[fam]
         gcfg = resolve_generator_config(P.generator_preset, gover)

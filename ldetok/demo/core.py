@@ -577,7 +577,7 @@ def sample_grid(g: DemoGenerator, class_index: Optional[int] = None, cfg: float 
         if not 0 <= c < g.gen.num_classes:
             raise DemoError(f"class must be in 0 .. {g.gen.num_classes - 1}, got {c}")
         labels = [c] * n
-    images, _ = generate_images(g.gen, g.tok, n, cfg=cfg, steps=steps, seed=seed % (2**63), labels=labels)
+    images, _ = generate_images(g.gen, g.tok, n, guidance_scale=cfg, steps=steps, seed=seed % (2**63), labels=labels)
     ncol = int(np.ceil(np.sqrt(n)))
     nrow = int(np.ceil(n / ncol))
     pad = 2

@@ -143,8 +143,8 @@ class GeneratorTrainer(Trainer):
         imgs = []
         for c in classes:
             labels = None if c is None else torch.full((n_per_class,), c, dtype=torch.long, device=self.device)
-            z = gen.sample(n_per_class, labels=labels, cfg=cfg.sample_guidance_scale, steps=cfg.sample_steps,
-                           temperature=cfg.sample_temperature, generator=g)
+            z = gen.sample(n_per_class, labels=labels, guidance_scale=cfg.sample_guidance_scale,
+                           steps=cfg.sample_steps, temperature=cfg.sample_temperature, generator=g)
             imgs.append(self.tokenizer.detokenize(z))
         path = self.run_dir / "images" / f"{name}.png"
         save_grid(torch.cat(imgs), path, nrow=n_per_class)

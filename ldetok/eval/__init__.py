@@ -8,6 +8,7 @@ from .fid import (
     InceptionFeatures,
     MetricResult,
     default_cache_dir,
+    fd_from_features,
     fid_from_stats,
     inception_score_from_logits,
     kid_from_features,
@@ -21,34 +22,38 @@ from .fid import (
 )
 from .classifier import ClassifierFeatures, FashionCNN, classifier_cache_dir, train_classifier
 from .generation import (
-    cfg_sweep,
     evaluate_generation,
     evaluate_generator,
     evaluate_generator_run,
+    guidance_sweep,
     metric_key,
     precision_recall,
+    reference_score,
     write_samples_png,
 )
 from .inception import ensure_inception_weights, inception_score_available, weights_info, weights_path
-from .recon import evaluate_reconstruction, psnr, ssim
+from .recon import evaluate_reconstruction, image_noise, psnr, psnr_under_noise, reconstruct_noised, ssim
 
 __all__ = [
     "ClassifierFeatures",
     "FashionCNN",
     "classifier_cache_dir",
     "train_classifier",
-    "cfg_sweep",
     "evaluate_generation",
     "evaluate_generator",
     "evaluate_generator_run",
+    "guidance_sweep",
     "metric_key",
     "precision_recall",
+    "reference_score",
     "write_samples_png",
     "InceptionFeatures",
     "MetricResult",
     "default_cache_dir",
+    "fd_from_features",
     "ensure_inception_weights",
     "evaluate_reconstruction",
+    "image_noise",
     "fid_from_stats",
     "inception_score_available",
     "inception_score_from_logits",
@@ -56,6 +61,8 @@ __all__ = [
     "load_reference_stats",
     "lookup_reference_stats",
     "psnr",
+    "psnr_under_noise",
+    "reconstruct_noised",
     "reference_stats",
     "save_reference_stats",
     "ssim",

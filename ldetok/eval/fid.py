@@ -1,6 +1,7 @@
 """FID / KID from Inception features, a reference-statistics cache, and metrics that carry their protocol.
 
-- ``fid_from_stats``: the one Fréchet distance every FID in the package goes through.
+- ``fid_from_stats``: the one Fréchet distance every FID in the package goes through
+  (``fd_from_features``: the same from two feature sets).
 - ``kid_from_features``: unbiased MMD² with the cubic polynomial kernel, over random subsets
   (torch-fidelity's estimator and subset sampling, so the same seed gives the same number).
 - ``InceptionFeatures``: torch-fidelity's ``inception-v3-compat`` extractor (pool3, 2048-d) on the
@@ -36,6 +37,7 @@ __all__ = [
     "InceptionFeatures",
     "MetricResult",
     "default_cache_dir",
+    "fd_from_features",
     "fid_from_stats",
     "inception_score_from_logits",
     "kid_from_features",
@@ -120,6 +122,12 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "e
     else:
         raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr)
+
+
+def fd_from_features(f1, f2) -> float:
+    """Fréchet distance between the Gaussians fitted to two (N, D) feature sets (``stats_from_features``,
+    then ``fid_from_stats``): FID when the features are Inception pool3."""
+    return fid_from_stats(*stats_from_features(f1), *stats_from_features(f2))
 
 
 def _poly_kernel(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coef0: float) -> np.ndarray:

@@ -14,7 +14,8 @@ is ``(dataset, split, resolution, count[, root])`` (real features computed once 
 it, KID and precision/recall are reported unavailable (they need real features).
 
 The official l-DeTok protocol (shared/research/paper.md section 4): class-balanced samples from the
-EMA generator, a cfg search on a smaller sample count, then the final count at the best cfg.
+EMA generator, a guidance-scale search (``guidance_sweep``) on a smaller sample count, then the final
+count at the best scale.
 
 References: Kynkäänniemi et al. 2019 (improved precision and recall); Heusel et al. 2017 (FID);
 Bińkowski et al. 2018 (KID); Salimans et al. 2016 (IS); torch-fidelity (``prc``).
@@ -43,15 +44,17 @@ from .fid import (
     reference_stats,
     stats_from_features,
 )
+from ..engine.distributed import get_rank, get_world_size
 from .inception import inception_score_available, weights_info
 
 __all__ = [
-    "cfg_sweep",
     "evaluate_generation",
     "evaluate_generator",
     "evaluate_generator_run",
+    "guidance_sweep",
     "metric_key",
     "precision_recall",
+    "reference_score",
     "write_samples_png",
 ]
 
@@ -420,12 +423,12 @@ def _class_balanced(gen, n: int) -> list:
     return [i % gen.num_classes for i in range(n)] if getattr(gen, "num_classes", 0) else [None] * n
 
 
-def evaluate_generator(gen, tok, n: int, cfg: float, reference, extractors=("inception", "classifier"),
+def evaluate_generator(gen, tok, n: int, guidance_scale: float, reference, extractors=("inception", "classifier"),
                        steps: Optional[int] = None, temperature: float = 1.0, seed: int = 0, batch_size: int = 100,
                        chunk: int = 1000, metrics: Sequence[str] = ALL_METRICS, protocol: Optional[dict] = None,
                        png_dir=None, **eval_kw) -> dict[str, MetricResult]:
     """Evaluate ``n`` class-balanced samples (label ``i % num_classes``) of ``gen`` (its weights as
-    given: ``load_generator_run`` loads the EMA export) decoded by ``tok``, at guidance ``cfg``.
+    given: ``load_generator_run`` loads the EMA export) decoded by ``tok``, at ``guidance_scale``.
 
     Samples are drawn in chunks of ``chunk`` images through ``generate_images`` (chunk ``j`` seeded
     ``seed + j``, so ``n <= chunk`` reproduces ``generate_images(..., seed=seed)`` exactly) and
@@ -440,63 +443,92 @@ def evaluate_generator(gen, tok, n: int, cfg: float, reference, extractors=("inc
     def batches():
         for j, i in enumerate(range(0, n, chunk)):
             lab = labels[i:i + chunk]
-            x, got = generate_images(gen, tok, len(lab), cfg, steps, temperature, seed + j, batch_size, labels=lab)
+            x, got = generate_images(gen, tok, len(lab), guidance_scale, steps, temperature, seed + j, batch_size,
+                                     labels=lab)
             if png_dir is not None:
                 write_samples_png(x, got, png_dir, start=i)
             yield x, got
 
-    proto = {"sampler": getattr(gen, "kind", type(gen).__name__), "cfg": cfg, "steps": steps,
-             "temperature": temperature, "seed": seed, "class_balanced": True, **(protocol or {})}
+    proto = {**_sampler_protocol(gen, guidance_scale, steps, temperature, seed), **(protocol or {})}
     device = eval_kw.pop("device", None) or next(gen.parameters()).device
     return evaluate_generation(batches, reference, extractors, labels=labels, protocol=proto, metrics=metrics,
                                batch_size=batch_size, device=device, **eval_kw)
 
 
-def cfg_sweep(gen, tok, cfgs: Sequence[float], n_search: int, reference, extractor="inception",
-              steps: Optional[int] = None, seed: int = 0, metric: str = "fid", temperature: float = 1.0,
-              batch_size: int = 100, protocol: Optional[dict] = None, verbose: bool = False,
-              **eval_kw) -> tuple[float, dict[float, MetricResult]]:
-    """``(best_cfg, {cfg: MetricResult})``: ``n_search`` class-balanced samples at each cfg (the same
-    seed, so the cfgs differ only in guidance), ``metric`` ("fid" or "kid") in the ``extractor``'s
-    space ("inception", "classifier" or an extractor object), lowest wins (ties: the first listed)."""
-    if metric not in ("fid", "kid"):
-        raise ValueError(f"metric must be 'fid' or 'kid', got {metric!r}")
-    if not cfgs:
-        raise ValueError("cfgs is empty")
-    ref = reference
-    device = eval_kw.pop("device", None) or next(gen.parameters()).device
-    spaces = _resolve_extractors([extractor], _Reference(ref, eval_kw.get("cache_dir")), device, batch_size)
-    (space, ext), = spaces.items()
-    if isinstance(ext, str):
-        raise ValueError(f"cfg sweep in the {space} space is impossible: {ext}")
+def _sampler_protocol(gen, guidance_scale, steps, temperature, seed) -> dict:
+    return {"sampler": getattr(gen, "kind", type(gen).__name__), "cfg": guidance_scale, "steps": steps,
+            "temperature": temperature, "seed": seed, "class_balanced": True}
+
+
+# ---- the guidance-scale search --------------------------------------------------------------------
+def guidance_sweep(gen, tok, guidance_scales: Sequence[float], n_search: int, score, steps: Optional[int] = None,
+                   seed: int = 0, temperature: float = 1.0, batch_size: int = 100,
+                   verbose: bool = False) -> tuple[float, dict]:
+    """``(best, {guidance_scale: score})``: the classifier-free guidance scale whose samples score lowest
+    (ties: the first listed). Every scale gets the same class-balanced samples but for the guidance:
+    image ``i < n_search`` has label ``i % num_classes``; this process draws its share ``i = rank, rank +
+    world_size, ...`` with ``generate_images`` seeded ``seed + 1000 * rank`` (one process: exactly
+    ``generate_images(gen, tok, n_search, scale, seed=seed)``).
+
+    ``score(images, indices, protocol)`` -> a number or a ``MetricResult`` (its value is compared):
+    ``images`` this process's samples in [-1, 1], ``indices`` their indices, ``protocol`` the sampler's
+    settings. Under torchrun it must combine the ranks and return the same value on every rank
+    (``reference_score`` is the single-process one ``ldetok eval-generator`` uses)."""
+    from ..sampling import generate_images
+
+    if not guidance_scales:
+        raise ValueError("guidance_scales is empty")
+    rank, world = get_rank(), get_world_size()
+    mine = list(range(rank, int(n_search), world))
+    labels = [i % gen.num_classes for i in mine] if getattr(gen, "num_classes", 0) else None
     table = {}
-    for c in cfgs:
-        res = evaluate_generator(gen, tok, n_search, float(c), ref, extractors={space: ext}, steps=steps,
-                                 temperature=temperature, seed=seed, batch_size=batch_size, metrics=(metric,),
-                                 protocol=protocol, device=device, **eval_kw)
-        r = res[metric_key(space, metric)]
-        if r.value is None:
-            raise ValueError(f"cfg sweep: {r.name} unavailable: {r.protocol.get('unavailable')}")
-        table[float(c)] = r
+    for g in guidance_scales:
+        x, _ = generate_images(gen, tok, len(mine), guidance_scale=float(g), steps=steps, temperature=temperature,
+                               seed=seed + 1000 * rank, batch_size=batch_size, labels=labels)
+        r = score(x, mine, _sampler_protocol(gen, float(g), steps, temperature, seed))
+        value = r.value if isinstance(r, MetricResult) else r
+        if value is None:
+            raise ValueError(f"guidance sweep: {r.name} unavailable: {r.protocol.get('unavailable')}")
+        table[float(g)] = r
         if verbose:
-            print(f"cfg {float(c):g}: {r.format()}")
-    best = min(table, key=lambda c: table[c].value)
+            print(f"guidance scale {float(g):g}: {r.format() if isinstance(r, MetricResult) else r}")
+    best = min(table, key=lambda g: getattr(table[g], "value", table[g]))
     return best, table
 
 
-_cfg_sweep = cfg_sweep  # evaluate_generator_run's argument of the same name shadows it
+def reference_score(reference, extractor="inception", metric: str = "fid", device="cpu", batch_size: int = 100,
+                    protocol: Optional[dict] = None, cache_dir=None, **eval_kw):
+    """A ``score`` for ``guidance_sweep``: ``metric`` ("fid" or "kid") of the samples against
+    ``reference`` in ``extractor``'s space ("inception", "classifier" or an extractor object), as a
+    ``MetricResult`` (``evaluate_generation``'s, with the sampler's settings and ``protocol``).
+    Single process (the samples are not gathered across ranks)."""
+    if metric not in ("fid", "kid"):
+        raise ValueError(f"metric must be 'fid' or 'kid', got {metric!r}")
+    spaces = _resolve_extractors([extractor], _Reference(reference, cache_dir), device, batch_size)
+    (space, ext), = spaces.items()
+    if isinstance(ext, str):
+        raise ValueError(f"guidance sweep in the {space} space is impossible: {ext}")
+
+    def score(images, indices, sampler: dict) -> MetricResult:
+        res = evaluate_generation(images, reference, {space: ext}, protocol={**sampler, **(protocol or {})},
+                                  metrics=(metric,), batch_size=batch_size, device=device, cache_dir=cache_dir,
+                                  **eval_kw)
+        return res[metric_key(space, metric)]
+
+    return score
 
 
-def evaluate_generator_run(run_dir, n: int = 1000, cfg: float = 1.0, cfg_sweep: Optional[Sequence[float]] = None,
-                           n_search: Optional[int] = None, reference=None, extractors=("inception", "classifier"),
-                           sweep_extractor="inception", sweep_metric: str = "fid", steps: Optional[int] = None,
-                           temperature: float = 1.0, seed: int = 0, batch_size: int = 100, device: str = "auto",
-                           png_dir=None, verbose: bool = True, **eval_kw) -> dict:
+def evaluate_generator_run(run_dir, n: int = 1000, guidance_scale: float = 1.0,
+                           guidance_scales: Optional[Sequence[float]] = None, n_search: Optional[int] = None,
+                           reference=None, extractors=("inception", "classifier"), sweep_extractor="inception",
+                           sweep_metric: str = "fid", steps: Optional[int] = None, temperature: float = 1.0,
+                           seed: int = 0, batch_size: int = 100, device: str = "auto", png_dir=None,
+                           verbose: bool = True, **eval_kw) -> dict:
     """Evaluate a finished generator run (EMA weights via ``load_generator_run``) on ``n`` samples.
 
-    With ``cfg_sweep`` (a list of cfgs) the cfg is chosen first on ``n_search`` samples (default
-    ``min(n, 1000)``). ``reference`` defaults to ``(dataset, "train", image_size, n, data_root)`` of
-    the run's tokenizer. Writes ``run_dir/eval/gen_n{N}_cfg{C}.json`` and returns what it wrote.
+    With ``guidance_scales`` the scale is chosen first by ``guidance_sweep`` on ``n_search`` samples
+    (default ``min(n, 1000)``). ``reference`` defaults to ``(dataset, "train", image_size, n, data_root)``
+    of the run's tokenizer. Writes ``run_dir/eval/gen_n{N}_cfg{C}.json`` and returns what it wrote.
     """
     from ..engine.distributed import resolve_device
     from ..engine.generator_trainer import load_generator_run
@@ -511,19 +543,21 @@ def evaluate_generator_run(run_dir, n: int = 1000, cfg: float = 1.0, cfg_sweep: 
     proto = {"ema": meta.get("ema", True), "tokenizer": Path(str(meta.get("tokenizer"))).name,
              "generator": meta.get("name"), "run": run_dir.name}
     sweep = None
-    if cfg_sweep:
+    if guidance_scales:
         n_search = int(n_search or min(n, 1000))
-        best, table = _cfg_sweep(gen, tok, cfg_sweep, n_search, reference, extractor=sweep_extractor, steps=steps,
-                                 seed=seed, metric=sweep_metric, temperature=temperature, batch_size=batch_size,
-                                 protocol=proto, verbose=verbose, **eval_kw)
-        sweep = {"cfgs": [float(c) for c in cfg_sweep], "n_search": n_search, "metric": sweep_metric,
-                 "best_cfg": best, "table": {f"{c:g}": r.to_dict() for c, r in table.items()}}
-        cfg = best
-    res = evaluate_generator(gen, tok, n, float(cfg), reference, extractors, steps=steps, temperature=temperature,
-                             seed=seed, batch_size=batch_size, protocol=proto, png_dir=png_dir, **eval_kw)
-    out = {"run": str(run_dir), "n": n, "cfg": float(cfg), "sweep": sweep,
+        score = reference_score(reference, sweep_extractor, sweep_metric, device=dev, batch_size=batch_size,
+                                protocol=proto, **eval_kw)
+        best, table = guidance_sweep(gen, tok, guidance_scales, n_search, score, steps=steps, seed=seed,
+                                     temperature=temperature, batch_size=batch_size, verbose=verbose)
+        sweep = {"cfgs": [float(g) for g in guidance_scales], "n_search": n_search, "metric": sweep_metric,
+                 "best_cfg": best, "table": {f"{g:g}": r.to_dict() for g, r in table.items()}}
+        guidance_scale = best
+    res = evaluate_generator(gen, tok, n, float(guidance_scale), reference, extractors, steps=steps,
+                             temperature=temperature, seed=seed, batch_size=batch_size, protocol=proto,
+                             png_dir=png_dir, **eval_kw)
+    out = {"run": str(run_dir), "n": n, "cfg": float(guidance_scale), "sweep": sweep,
            "metrics": {key: r.to_dict() for key, r in res.items()}}
-    path = run_dir / "eval" / f"gen_n{n}_cfg{float(cfg):g}.json"
+    path = run_dir / "eval" / f"gen_n{n}_cfg{float(guidance_scale):g}.json"
     _atomic_bytes(path, json.dumps(out, indent=2, default=str).encode())
     if verbose:
         for r in res.values():

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..corruption import apply_noise
 from ..engine.distributed import broadcast_object, gather_objects, get_rank, get_world_size
 from .fid import (
     InceptionFeatures,
@@ -28,7 +29,7 @@ from .fid import (
     store_reference_stats,
 )
 
-__all__ = ["evaluate_reconstruction", "psnr", "ssim"]
+__all__ = ["evaluate_reconstruction", "image_noise", "psnr", "psnr_under_noise", "reconstruct_noised", "ssim"]
 
 
 # ---- per-image metrics --------------------------------------------------------------------------
@@ -95,6 +96,59 @@ def ssim(
     return float(per.mean()), per.float().cpu()
 
 
+# ---- reconstructions of noised latents ----------------------------------------------------------
+def image_noise(shape, seed: int, indices) -> torch.Tensor:
+    """One ε of ``shape`` per image, drawn from a generator seeded by (``seed``, image index): image
+    ``i`` of an evaluation set gets the same ε whatever batch it is in and whichever rank renders it."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)))
+                        for i in indices])
+
+
+@torch.no_grad()
+def reconstruct_noised(tokenizer, x: torch.Tensor, level: float, gamma: float, noise_type: str, seed: int,
+                       indices) -> torch.Tensor:
+    """``decode(apply_noise(encode(x), level, gamma, noise_type, ε)).clamp(-1, 1)`` in float32, ε from
+    ``image_noise(seed, indices)`` (``indices``: the images' indices in the evaluation set). The raw
+    latents (posterior mean) are noised: the tokenizer's own training corruption at that level."""
+    if len(indices) != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} images but {len(indices)} indices")
+    z = tokenizer.encode(x)
+    eps = image_noise(z.shape[1:], seed, indices).to(z)
+    return tokenizer.decode(apply_noise(z, float(level), float(gamma), noise_type, noise=eps)).float().clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def psnr_under_noise(tokenizer, x: torch.Tensor, levels, gamma: float = 3.0, noise_type: str = "interpolative",
+                     seed: int = 0, indices=None, batch_size: int = 200, device=None) -> dict:
+    """Per-image PSNR and SSIM of ``x`` (images in [-1, 1]) against ``reconstruct_noised`` at each noise
+    level: ``{level: {"psnr": (N,), "ssim": (N,)}}`` (float32, CPU). ``indices`` are the images' indices in
+    the evaluation set (default ``0 .. N-1``); each image's ε is seeded by (``seed``, its index), so the
+    values do not depend on ``batch_size``, on the other images of a batch, or on the rank evaluating it.
+    ``device``: where to decode (default the tokenizer's)."""
+    indices = list(range(len(x))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(x):
+        raise ValueError(f"{len(x)} images but {len(indices)} indices")
+    if device is None:
+        p = next(iter([*tokenizer.parameters(), *tokenizer.buffers()]), None)
+        device = p.device if p is not None else x.device
+    dev = torch.device(device)
+    was_training = tokenizer.training
+    tokenizer.eval()
+    out = {}
+    try:
+        for t in levels:
+            per = {"psnr": [], "ssim": []}
+            for lo in range(0, len(x), batch_size):
+                xb = x[lo:lo + batch_size].to(dev).float()
+                rec = reconstruct_noised(tokenizer, xb, t, gamma, noise_type, seed, indices[lo:lo + batch_size])
+                per["psnr"].append(psnr(rec, xb)[1])
+                per["ssim"].append(ssim(rec, xb)[1])
+            out[float(t)] = {k: torch.cat(v) for k, v in per.items()}
+    finally:
+        tokenizer.train(was_training)
+    return out
+
+
 # ---- the evaluation -----------------------------------------------------------------------------
 def _dist_info() -> tuple[int, int]:
     return get_rank(), get_world_size()
@@ -137,7 +191,10 @@ def evaluate_reconstruction(
     batch_size: int = 32,
     compute_rfid: bool = True,
     lpips_fn: Callable | None = None,
-    corruption: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    noise_level: float | None = None,
+    gamma: float = 3.0,
+    noise_type: str = "interpolative",
+    noise_seed: int = 0,
     extractor=None,
     cache_dir=None,
     protocol_extra: dict | None = None,
@@ -145,8 +202,9 @@ def evaluate_reconstruction(
 ) -> dict:
     """PSNR / SSIM / LPIPS / rFID of ``tokenizer`` on the first ``n`` images, as ``MetricResult``s.
 
-    - Reconstruction: ``tokenizer.reconstruct(x)`` (posterior mean, clamped); with ``corruption``
-      (latents -> latents, e.g. noise at t=0.3), ``decode(corruption(encode(x))).clamp(-1, 1)``.
+    - Reconstruction: ``tokenizer.reconstruct(x)`` (posterior mean, clamped); with ``noise_level`` t,
+      ``reconstruct_noised`` (the raw latents noised by ``apply_noise(z, t, gamma, noise_type)``, each
+      image's ε seeded by (``noise_seed``, its index), as ``psnr_under_noise`` draws it).
     - ``loader_or_dataset``: a map-style dataset or a DataLoader over one (read in dataset order, the
       loader's sampler is ignored, so "first n" is well defined), or any iterable of batches, a
       list of batches included (single process only). Items: tensors or (image, label) tuples,
@@ -164,24 +222,7 @@ def evaluate_reconstruction(
     device = torch.device(device)
     rank, world = _dist_info()
     dataset_key, split = _parse_reference(reference)
-    ds = _map_style(loader_or_dataset)
-    if ds is not None:
-        if len(ds) < n:
-            raise ValueError(f"asked for n={n} images, the dataset has only {len(ds)}")
-        indices = list(range(rank, n, world))
-        source = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(ds, indices),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-        )
-    else:
-        if world > 1:
-            raise ValueError(
-                "distributed evaluation needs a map-style dataset (or a DataLoader over one), "
-                "so each rank can take its own shard; got an iterable"
-            )
-        indices, source = list(range(n)), loader_or_dataset
+    ds, indices, source = _shard(loader_or_dataset, n, batch_size, num_workers, rank, world)
     if compute_rfid and extractor is None:
         extractor = InceptionFeatures(device, batch_size)
 
@@ -207,20 +248,12 @@ def evaluate_reconstruction(
                 if resolution is None:  # an iterable source (single process)
                     resolution = _resolution(x)
                     need_real = check_cache(resolution)
-                if corruption is None:
+                if noise_level is None:
                     rec = tokenizer.reconstruct(x)
                 else:
-                    rec = tokenizer.decode(corruption(tokenizer.encode(x))).clamp(-1.0, 1.0)
-                rec = rec.float()
-                per["psnr"].append(psnr(rec, x)[1])
-                per["ssim"].append(ssim(rec, x)[1])
-                if lpips_fn is not None:
-                    rgb = lambda t: t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t
-                    per["lpips"].append(torch.as_tensor(lpips_fn(rgb(rec), rgb(x))).flatten().float().cpu())
-                if compute_rfid:
-                    per["rec"].append(torch.from_numpy(extractor.features(rec)))
-                    if need_real:
-                        per["real"].append(torch.from_numpy(extractor.features(x)))
+                    rec = reconstruct_noised(tokenizer, x, noise_level, gamma, noise_type, noise_seed,
+                                             indices[seen:seen + x.shape[0]])
+                _batch_metrics(per, rec.float(), x, lpips_fn, extractor if compute_rfid else None, need_real)
                 seen += x.shape[0]
                 if seen >= len(indices):
                     break
@@ -235,22 +268,42 @@ def evaluate_reconstruction(
 
     results = None
     if rank == 0:
-        results = _summarise(
-            merged,
-            n,
-            resolution,
-            dataset_key,
-            split,
-            reference,
-            compute_rfid,
-            need_real,
-            lpips_fn,
-            corruption,
-            extractor,
-            cache_dir,
-            protocol_extra or {},
-        )
+        noise = None if noise_level is None else (f"{noise_type} t={noise_level:g} gamma={gamma:g} (raw latents, "
+                                                  f"per-image noise seed {noise_seed})")
+        results = _summarise(merged, n, resolution, dataset_key, split, reference, compute_rfid, need_real, lpips_fn,
+                             noise, extractor, cache_dir, protocol_extra or {})
     return broadcast_object(results)
+
+
+def _shard(loader_or_dataset, n: int, batch_size: int, num_workers: int, rank: int, world: int):
+    """(map-style dataset or None, this rank's image indices, its batches): indices ``rank::world`` of
+    the first ``n`` of a dataset, or the first ``n`` images of an iterable (single process only)."""
+    ds = _map_style(loader_or_dataset)
+    if ds is None:
+        if world > 1:
+            raise ValueError("distributed evaluation needs a map-style dataset (or a DataLoader over one), "
+                             "so each rank can take its own shard; got an iterable")
+        return None, list(range(n)), loader_or_dataset
+    if len(ds) < n:
+        raise ValueError(f"asked for n={n} images, the dataset has only {len(ds)}")
+    indices = list(range(rank, n, world))
+    source = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    return ds, indices, source
+
+
+def _batch_metrics(per: dict, rec: torch.Tensor, x: torch.Tensor, lpips_fn, extractor, need_real: bool) -> None:
+    """Append one batch's per-image PSNR, SSIM, LPIPS (with ``lpips_fn``) and features (with ``extractor``;
+    the real images' too when ``need_real``) to ``per``."""
+    per["psnr"].append(psnr(rec, x)[1])
+    per["ssim"].append(ssim(rec, x)[1])
+    if lpips_fn is not None:
+        rgb = lambda t: t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t
+        per["lpips"].append(torch.as_tensor(lpips_fn(rgb(rec), rgb(x))).flatten().float().cpu())
+    if extractor is not None:
+        per["rec"].append(torch.from_numpy(extractor.features(rec)))
+        if need_real:
+            per["real"].append(torch.from_numpy(extractor.features(x)))
 
 
 def _gather(local: dict) -> dict:
@@ -279,10 +332,9 @@ def _summarise(
     cache_dir,
     extra,
 ) -> dict:
-    corr = "none" if corruption is None else getattr(corruption, "__name__", None) or repr(corruption)
     base = {"n": n, "resolution": resolution}
     if corruption is not None:
-        base["corruption"] = corr
+        base["corruption"] = corruption
     base.update(extra)
     res = {
         "psnr": MetricResult(

@@ -10,9 +10,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
-from ..corruption import interpolative_noise
+from ..corruption import CorruptionConfig
 
 __all__ = ["evaluate_tokenizer_run", "lpips_or_reason", "run_train_config", "run_corruption"]
 
@@ -73,10 +71,15 @@ def lpips_or_reason(device):
     return fn, None
 
 
-def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] = (), gamma: float = 3.0,
-                           rfid: bool = True, batch_size: int = 100, device: str = "auto",
+def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] = (), gamma: Optional[float] = None,
+                           noise_type: Optional[str] = None, rfid: bool = True, batch_size: int = 100, device: str = "auto",
                            split: Optional[str] = None, seed: int = 0, verbose: bool = True,
                            rfid_corrupted: bool = True) -> dict:
+    """Clean reconstruction metrics of the first ``n`` images of the run's evaluation split, then the
+    same metrics of reconstructions decoded from raw latents noised at each of ``noise_levels``
+    (``gamma``, ``noise_type``; each image's ε seeded by (``seed``, its index), as ``psnr_under_noise``).
+    ``gamma`` / ``noise_type`` default to the run's own corruption settings (γ of the paper's recipe,
+    3, for a run trained without noise, whose own γ of 0 would measure nothing)."""
     from ..data import build_dataset
     from ..engine.distributed import resolve_device
     from ..tokenizers import load_tokenizer
@@ -86,6 +89,9 @@ def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] 
     run_dir = Path(run_dir)
     tok = load_tokenizer(run_dir).to(dev).eval()
     cfg = run_train_config(run_dir)
+    own = run_corruption(run_dir)
+    gamma = gamma if gamma is not None else (own.gamma if own.noise_on else CorruptionConfig().gamma)
+    noise_type = noise_type or own.noise_type
     split = split or cfg.data.eval_split
     ds = build_dataset(cfg.data.dataset, split=split, image_size=cfg.model.image_size,
                        channels=cfg.model.in_channels, root=cfg.data.data_root)
@@ -96,17 +102,11 @@ def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] 
         print(f"LPIPS unavailable: {why}")
     results = {"clean": evaluate_reconstruction(tok, ds, n, dev, f"{cfg.data.dataset}/{split}", batch_size,
                                                 compute_rfid=rfid, lpips_fn=lpips_fn, protocol_extra=extra)}
-    for t in noise_levels:
-        g = torch.Generator().manual_seed(seed)
-
-        def corrupt(z, t=t, g=g):
-            eps = torch.randn(z.shape, generator=g).to(z)
-            return interpolative_noise(z, float(t), gamma, noise=eps)
-
+    for t in noise_levels:  # each image's ε seeded by (seed, its index): psnr_under_noise's values
         results[f"t={t:g}"] = evaluate_reconstruction(
             tok, ds, n, dev, f"{cfg.data.dataset}/{split}", batch_size, compute_rfid=rfid and rfid_corrupted,
-            lpips_fn=lpips_fn, corruption=corrupt,
-            protocol_extra={**extra, "latent_noise": f"interpolative t={t:g} gamma={gamma:g} (raw latents)"})
+            lpips_fn=lpips_fn, noise_level=float(t), gamma=gamma, noise_type=noise_type, noise_seed=seed,
+            protocol_extra=extra)
     out = {k: {m: r.to_dict() for m, r in v.items()} for k, v in results.items()}
     path = run_dir / "eval" / f"recon_n{n}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

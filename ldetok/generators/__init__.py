@@ -47,5 +47,5 @@ def build_generator(name: str, **overrides) -> Generator:
 def build_from_config(kind: str, config: dict) -> Generator:
     if kind not in _KINDS:
         raise ValueError(f"unknown generator kind {kind!r}; expected one of {', '.join(_KINDS)}")
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    return _KINDS[kind](**cfg)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return _KINDS[kind](**kwargs)

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Generator, modulate
+from .base import Generator, modulate, patchify, unpatchify
 from .diffloss import DiffLoss
-from .mar import Attention, Mlp, patchify, random_orders, unpatchify
+from .mar import Attention, Mlp, random_orders
 
 __all__ = ["ARDiff", "ARDiff_models", "KVCache", "AdaLNBlock", "SIZE_DICT"]
 
@@ -249,7 +249,7 @@ class ARDiff(Generator):
         self._check_latents(latents)
         b, dev = latents.shape[0], latents.device
         labels = self.prepare_labels(labels, b, dev, generator)
-        tokens = patchify(latents, self.patch_size)
+        tokens = patchify(latents, self.patch_size, channel_major=True)
         orders = self.make_orders(b, generator, dev)
         xs = torch.gather(tokens, 1, orders[..., None].expand(-1, -1, tokens.shape[-1]))  # generation order
         cls = self.class_embedding(labels)
@@ -261,13 +261,13 @@ class ARDiff(Generator):
 
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, labels=None, cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
-               generator: Optional[torch.Generator] = None, cfg_schedule: str = "linear",
+    def sample(self, n: int, labels=None, guidance_scale: float = 1.0, steps: Optional[int] = None,
+               temperature: float = 1.0, generator: Optional[torch.Generator] = None, cfg_schedule: str = "linear",
                use_kv_cache: Optional[bool] = None) -> torch.Tensor:
         """n latents (n, C, h, w), one token per step (L steps; ``steps`` must be None or L).
 
         CFG doubles the batch with the null class (same order for both halves); the linear
-        schedule uses ``1 + (cfg - 1) * step / L`` at step ``step`` (0-based), as the official code.
+        schedule uses ``1 + (guidance_scale - 1) * step / L`` at step ``step`` (0-based), as the official code.
         """
         L = self.seq_len
         if steps is not None and int(steps) != L:
@@ -278,7 +278,7 @@ class ARDiff(Generator):
         use_cache = self.use_kv_cache if use_kv_cache is None else bool(use_kv_cache)
         dev = self.device
         labels = self.sample_labels(n, labels, dev)
-        guided = cfg != 1.0
+        guided = guidance_scale != 1.0
         cls = self.class_embedding(labels)
         orders = self.make_orders(n, generator, dev)
         if guided:
@@ -291,13 +291,14 @@ class ARDiff(Generator):
                 z = self.run_transformer(self.embed_inputs(xs, orders, step, step + 1), cls, step, cache)[:, -1]
             else:  # recompute the whole prefix [0, step]
                 z = self.run_transformer(self.embed_inputs(xs, orders, 0, step + 1), cls, 0)[:, -1]
-            scale = 1.0 + (cfg - 1.0) * step / L if cfg_schedule == "linear" else float(cfg)
-            new = self.diffloss.sample(z, temperature=temperature, cfg=scale if guided else 1.0, generator=generator)
+            scale = 1.0 + (guidance_scale - 1.0) * step / L if cfg_schedule == "linear" else float(guidance_scale)
+            new = self.diffloss.sample(z, temperature=temperature, guidance_scale=scale if guided else 1.0,
+                                       generator=generator)
             xs[:, step] = new.to(xs.dtype)  # with CFG both halves receive the (equal) guided sample
         xs, orders = xs[:n], orders[:n]
         tokens = torch.empty_like(xs).scatter_(1, orders[..., None].expand_as(xs), xs)  # back to raster
         c, h, w = self.latent_shape
-        return unpatchify(tokens, c, h, w, self.patch_size)
+        return unpatchify(tokens, self.patch_size, c, h, w, channel_major=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ A generator models *normalised* tokenizer latents ``(B, C, h, w)`` (``tokenizer.
 - ``loss(latents, labels) -> scalar``: the training objective; labels (B,) long in [0, num_classes),
   or None for unconditional use. Labels are dropped to the null class with probability
   ``class_dropout`` (0.1) in training mode, which is what classifier-free guidance needs.
-- ``sample(n, labels=None, cfg=1.0, steps=None, temperature=1.0, generator=None) -> latents``:
-  ``cfg`` follows each family's schedule (linear ramp for MAR and the AR models, constant on all
-  channels for DiT/SiT, an interval for LightningDiT); ``cfg == 1`` is exactly the conditional model.
+- ``sample(n, labels=None, guidance_scale=1.0, steps=None, temperature=1.0, generator=None) -> latents``:
+  the classifier-free guidance scale follows each family's schedule (linear ramp for MAR and the AR
+  models, constant on all channels for DiT/SiT, an interval for LightningDiT);
+  ``guidance_scale == 1`` is exactly the conditional model.
 - ``config_dict()`` and ``kind`` rebuild the model (``build_generator(kind, **config)``).
 """
 
@@ -20,7 +21,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["Generator", "TimestepEmbedder", "LabelEmbedder", "modulate", "sincos_pos_embed_2d", "xavier_linears"]
+__all__ = ["Generator", "TimestepEmbedder", "LabelEmbedder", "modulate", "patchify", "sincos_pos_embed_2d",
+           "randn", "unpatchify", "xavier_linears"]
 
 
 class Generator(nn.Module):
@@ -71,7 +73,7 @@ class Generator(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, n: int, labels=None, cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
+    def sample(self, n: int, labels=None, guidance_scale: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -99,6 +101,35 @@ def xavier_linears(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
     module.apply(init)
+
+
+def randn(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to ``device`` (a CPU generator
+    drives CUDA tensors too: device-agnostic seeding)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def patchify(x: torch.Tensor, p: int, channel_major: bool = False) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/p * w/p, p*p*C), tokens in raster order. Within a token the values are
+    ordered (row-in-patch, col-in-patch, channel) (DiT's final-layer layout), or with ``channel_major``
+    (channel, row-in-patch, col-in-patch) (MAR's layout; the official weights expect each its own)."""
+    b, c, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"latent size {h}x{w} is not divisible by patch_size {p}")
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    x = x.permute(0, 2, 4, 1, 3, 5) if channel_major else x.permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, channels: int, h: int, w: int, channel_major: bool = False) -> torch.Tensor:
+    """Inverse of ``patchify`` (same ``channel_major``): (B, h/p * w/p, p*p*C) -> (B, C, h, w)."""
+    b = tokens.shape[0]
+    if channel_major:
+        x = tokens.reshape(b, h // p, w // p, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    else:
+        x = tokens.reshape(b, h // p, w // p, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, h, w)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ official MAR / l-DeTok checkpoints load with strict keys (``net.time_embed.mlp.0
 no parameters or buffers).
 
 Conventions: tokens are (N, C) rows, channels on dim 1; ``t`` is the DDPM step in [0, 1000).
-CFG (MAR): ``z`` stacks [cond; uncond] (2N rows); eps = uncond + cfg (cond - uncond); the variance
+CFG (MAR): ``z`` stacks [cond; uncond] (2N rows); eps = uncond + guidance_scale (cond - uncond); the variance
 comes from the conditional half; both halves share the noise, so the two output halves are equal.
 
 References: Li et al. 2024, "Autoregressive Image Generation without Vector Quantization" (MAR);
@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import TimestepEmbedder, modulate, xavier_linears
-from .diffusion import create_diffusion, _randn
+from .base import TimestepEmbedder, modulate, randn, xavier_linears
+from .diffusion import create_diffusion
 
 __all__ = ["DiffLoss", "SimpleMLPAdaLN", "ResBlock", "FinalLayer"]
 
@@ -145,7 +145,7 @@ class DiffLoss(nn.Module):
         n, dev = target.shape[0], target.device
         gen_dev = generator.device if generator is not None else dev
         t = torch.randint(0, self.train_diffusion.num_timesteps, (n,), generator=generator, device=gen_dev).to(dev)
-        noise = _randn(target.shape, generator, dev, target.dtype)
+        noise = randn(target.shape, generator, dev, target.dtype)
         return self.train_diffusion.training_losses(self.net, target, t, dict(c=z), noise=noise)["loss"]
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -159,36 +159,36 @@ class DiffLoss(nn.Module):
         mask = mask.to(loss.dtype).repeat(self.batch_mul)
         return (loss * mask).sum() / mask.sum().clamp(min=1e-12)
 
-    def _cfg_model(self, z: torch.Tensor, cfg: float):
+    def _cfg_model(self, z: torch.Tensor, guidance_scale: float):
         """A model on the N conditional rows: runs [x; x] with z = [cond; uncond] and mixes eps."""
         c = self.in_channels
 
         def model_fn(x, t, **_):
             out = self.net(torch.cat([x, x]), torch.cat([t, t]), z)
             cond, uncond = out.chunk(2, dim=0)
-            eps = uncond[:, :c] + cfg * (cond[:, :c] - uncond[:, :c])
+            eps = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
             return torch.cat([eps, cond[:, c:]], dim=1)
 
         return model_fn
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0,
+    def sample(self, z: torch.Tensor, temperature: float = 1.0, guidance_scale: float = 1.0,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Tokens (N, C) from ``z`` (N, Zc) by ancestral DDPM over ``num_sampling_steps``.
 
-        With ``cfg != 1``, z is [cond; uncond] (2N rows) and the output is (2N, C) with equal halves;
+        With ``guidance_scale != 1``, z is [cond; uncond] (2N rows) and the output is (2N, C) with equal halves;
         callers keep the first half. ``temperature`` scales the per-step noise.
         """
         self._check(None, z)
-        if cfg == 1.0:
+        if guidance_scale == 1.0:
             shape = (z.shape[0], self.in_channels)
             return self.gen_diffusion.p_sample_loop(self.net, shape, model_kwargs=dict(c=z), temperature=temperature,
                                                     generator=generator, device=z.device)
         if z.shape[0] % 2:
-            raise ValueError(f"with cfg != 1, z must stack [cond; uncond] (an even row count), got {z.shape[0]} rows")
+            raise ValueError(f"with guidance_scale != 1, z must stack [cond; uncond] (an even row count), got {z.shape[0]} rows")
         # why: sampling the N conditional rows once (instead of 2N rows with duplicated noise, as MAR
         # does) gives the same result for half the diffusion work and makes both halves identical
         shape = (z.shape[0] // 2, self.in_channels)
-        x = self.gen_diffusion.p_sample_loop(self._cfg_model(z, float(cfg)), shape, temperature=temperature,
-                                             generator=generator, device=z.device)
+        x = self.gen_diffusion.p_sample_loop(self._cfg_model(z, float(guidance_scale)), shape,
+                                             temperature=temperature, generator=generator, device=z.device)
         return torch.cat([x, x], dim=0)

@@ -25,6 +25,8 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .base import randn
+
 __all__ = [
     "get_betas",
     "space_timesteps",
@@ -151,12 +153,6 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def _randn(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, then moved (a CPU generator drives CUDA)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
 # ---------------------------------------------------------------------------------------------
 # Gaussian diffusion
 # ---------------------------------------------------------------------------------------------
@@ -223,17 +219,11 @@ class GaussianDiffusion:
         return table[t.long()]
 
     # -- forward process ------------------------------------------------------------------------
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and log variance of q(x_t | x_0)."""
-        mean = self._extract("sqrt_alphas_cumprod", t, x0) * x0
-        var = 1.0 - self._extract("alphas_cumprod", t, x0)
-        return mean, var, torch.log(var)
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
         if noise is None:
-            noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+            noise = randn(x0.shape, generator, x0.device, x0.dtype)
         return (self._extract("sqrt_alphas_cumprod", t, x0) * x0
                 + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
 
@@ -307,7 +297,7 @@ class GaussianDiffusion:
         the only case DiT/MAR train, so it matches their unscaled VB there).
         """
         if noise is None:
-            noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+            noise = randn(x0.shape, generator, x0.device, x0.dtype)
         xt = self.q_sample(x0, t, noise)
         out = model_fn(xt, self.model_timesteps(t), **(model_kwargs or {}))
         eps, v = self._split_output(out, xt)
@@ -332,7 +322,7 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model_fn, x, t, model_kwargs, clip_denoised=clip_denoised)
         nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         if noise is None:
-            noise = _randn(x.shape, generator, x.device, x.dtype) if bool((t != 0).any()) else torch.zeros_like(x)
+            noise = randn(x.shape, generator, x.device, x.dtype) if bool((t != 0).any()) else torch.zeros_like(x)
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise * temperature
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
@@ -354,7 +344,7 @@ class GaussianDiffusion:
         else:
             device = torch.device(device) if device is not None else (generator.device if generator is not None
                                                                        else torch.device("cpu"))
-            x = _randn(shape, generator, device)
+            x = randn(shape, generator, device)
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((shape[0],), i, dtype=torch.long, device=x.device)
             x = self.p_sample(model_fn, x, t, model_kwargs, temperature=temperature, generator=generator,

@@ -16,10 +16,10 @@ tokenizer comparison: learn-sigma, linear beta schedule, 250 ancestral steps).
 - ``DiT``: epsilon prediction with learned sigma (2C output channels), 1000-step DDPM with the linear
   beta schedule, IDDPM hybrid loss (MSE + VLB), t uniform over [0, 1000). Sampling is ancestral,
   respaced to ``steps`` (250 by default as the paper's evaluation).
-- CFG (all three families): when ``cfg > 1`` the conditional and null-class branches run as one
-  doubled batch and combine as ``uncond + cfg * (cond - uncond)`` on every latent channel (the
-  l-DeTok default) or only on the first 3 channels (``cfg_channels="first3"``, DiT's legacy mode).
-  ``cfg == 1`` is the plain conditional model (no doubled batch); ``cfg < 1`` is refused.
+- CFG (all three families): when ``guidance_scale > 1`` the conditional and null-class branches run
+  as one doubled batch and combine as ``uncond + guidance_scale * (cond - uncond)`` on every latent
+  channel (the l-DeTok default) or only on the first 3 channels (``cfg_channels="first3"``, DiT's legacy
+  mode). ``guidance_scale == 1`` is the plain conditional model (no doubled batch); below 1 is refused.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, RMSNorm, SwiGLU, apply_rope
-from .base import Generator, LabelEmbedder, TimestepEmbedder, modulate, sincos_pos_embed_2d, xavier_linears
+from .base import (Generator, LabelEmbedder, TimestepEmbedder, modulate, patchify, randn, sincos_pos_embed_2d,
+                   unpatchify, xavier_linears)
 from .diffusion import create_diffusion
 
 __all__ = [
@@ -43,9 +44,6 @@ __all__ = [
     "DiT_models",
     "size_models",
     "SIZES",
-    "patchify",
-    "unpatchify",
-    "randn",
     "cfg_combine",
 ]
 
@@ -67,28 +65,6 @@ OFFICIAL_DEFAULTS = {"latent_shape": (16, 16, 16), "num_classes": 1000}
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def randn(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal draw on the generator's device, moved to ``device`` (device-agnostic seeding)."""
-    dev = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=dev, dtype=dtype).to(device)
-
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/p * w/p, p*p*C), each token ordered (row-in-patch, col-in-patch, channel)."""
-    b, c, h, w = x.shape
-    if h % p or w % p:
-        raise ValueError(f"latent size {h}x{w} is not divisible by patch_size {p}")
-    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(tokens: torch.Tensor, p: int, channels: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of ``patchify``: (B, h/p * w/p, p*p*C) -> (B, C, h, w) (DiT's final-layer layout)."""
-    b = tokens.shape[0]
-    x = tokens.reshape(b, h // p, w // p, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, channels, h, w)
-
-
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
     """``uncond + scale * (cond - uncond)`` on the first ``channels`` channels; the rest (learned sigma,
     or the unguided channels of DiT's legacy mode) are taken from the conditional branch."""
@@ -96,11 +72,12 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels
     return torch.cat([guided, cond[:, channels:]], dim=1)
 
 
-def check_cfg(cfg: float) -> float:
-    cfg = float(cfg)
-    if not cfg >= 1.0:
-        raise ValueError(f"cfg must be >= 1 (1 = conditional model, > 1 = classifier-free guidance), got {cfg}")
-    return cfg
+def check_guidance_scale(guidance_scale: float) -> float:
+    guidance_scale = float(guidance_scale)
+    if not guidance_scale >= 1.0:
+        raise ValueError(f"guidance_scale must be >= 1 (1 = conditional model, > 1 = classifier-free guidance), "
+                         f"got {guidance_scale}")
+    return guidance_scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,13 +266,13 @@ class AdaLNZeroTransformer(Generator):
         return unpatchify(tokens, self.patch_size, channels or self.out_channels, *self.latent_shape[1:])
 
     # -- guidance -----------------------------------------------------------------------------------
-    def guided_fn(self, cfg: float, channels: Optional[int] = None, interval_start: Optional[float] = None):
-        """model_fn(x, t, y) for the samplers. ``cfg == 1`` returns ``predict`` itself; ``cfg > 1`` runs
+    def guided_fn(self, guidance_scale: float, channels: Optional[int] = None, interval_start: Optional[float] = None):
+        """model_fn(x, t, y) for the samplers. ``guidance_scale == 1`` returns ``predict`` itself; ``> 1`` runs
         cond and null branches as one doubled batch and guides the first ``channels`` channels
         (default: all latent channels). With ``interval_start`` (flow time, t=0 noise) guidance only
         applies where t >= interval_start; below it the conditional prediction is used alone."""
-        cfg = check_cfg(cfg)
-        if cfg == 1.0:
+        guidance_scale = check_guidance_scale(guidance_scale)
+        if guidance_scale == 1.0:
             return self.predict
         k = self.in_channels if channels is None else int(channels)
 
@@ -307,7 +284,7 @@ class AdaLNZeroTransformer(Generator):
                     return self.predict(x, t, y)
             null = torch.full_like(y, self.null_class)
             cond, uncond = self.predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-            out = cfg_combine(cond, uncond, cfg, k)
+            out = cfg_combine(cond, uncond, guidance_scale, k)
             if interval_start is not None and not bool(on.all()):
                 out = torch.where(on.view(-1, *([1] * (out.ndim - 1))), out, cond)
             return out
@@ -394,15 +371,17 @@ class DiT(AdaLNZeroTransformer):
             clip_denoised=False, device=dev)
 
     @torch.no_grad()
-    def sample(self, n: int, labels=None, cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
-               generator: Optional[torch.Generator] = None, cfg_channels: Optional[str] = None) -> torch.Tensor:
-        """Ancestral DDPM sampling respaced to ``steps`` (default 250); CFG on all channels when cfg > 1
+    def sample(self, n: int, labels=None, guidance_scale: float = 1.0, steps: Optional[int] = None,
+               temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+               cfg_channels: Optional[str] = None) -> torch.Tensor:
+        """Ancestral DDPM sampling respaced to ``steps`` (default 250); CFG on all channels when
+        guidance_scale > 1
         (``cfg_channels="first3"``: DiT's legacy mode)."""
         mode = cfg_channels or self.cfg_channels
         if mode not in ("all", "first3"):
             raise ValueError(f"cfg_channels must be 'all' or 'first3', got {mode!r}")
         y = self.sample_labels(n, labels, self.device)
-        fn = self.guided_fn(cfg, channels=self.in_channels if mode == "all" else min(3, self.in_channels))
+        fn = self.guided_fn(guidance_scale, channels=self.in_channels if mode == "all" else min(3, self.in_channels))
         return self.run_sampler(fn, n, y, steps=250 if steps is None else steps, temperature=temperature,
                                 generator=generator)
 

@@ -29,7 +29,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .dit import AdaLNZeroTransformer, randn, size_models
+from .base import randn
+from .dit import AdaLNZeroTransformer, size_models
 from .flow import Transport, ode_sample
 
 __all__ = [
@@ -93,13 +94,13 @@ class LightningDiT(AdaLNZeroTransformer):
         return ode_sample(model_fn, x0, steps=steps, method=method, shift=shift, model_kwargs=dict(y=y))
 
     @torch.no_grad()
-    def sample(self, n: int, labels=None, cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
+    def sample(self, n: int, labels=None, guidance_scale: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
                generator: Optional[torch.Generator] = None, shift: Optional[float] = 0.3,
                cfg_interval_start: float = 0.10, method: str = "euler") -> torch.Tensor:
         """Euler (default, ``steps`` default 250) with time shift 0.3; CFG on all channels where
         t >= ``cfg_interval_start`` (0 disables the interval)."""
         y = self.sample_labels(n, labels, self.device)
-        fn = self.guided_fn(cfg, interval_start=cfg_interval_start if cfg_interval_start > 0 else None)
+        fn = self.guided_fn(guidance_scale, interval_start=cfg_interval_start if cfg_interval_start > 0 else None)
         return self.run_sampler(fn, n, y, steps=250 if steps is None else steps, temperature=temperature,
                                 generator=generator, shift=shift, method=method)
 

@@ -26,12 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .base import Generator
+from .base import Generator, patchify, unpatchify
 from .diffloss import DiffLoss
 
 __all__ = [
     "MAR", "MAR_models", "MAR_SIZES", "load_official_mar",
-    "Attention", "Mlp", "Block", "sample_mask_ratio", "cosine_mask_schedule", "patchify", "unpatchify",
+    "Attention", "Mlp", "Block", "truncnorm_mask_ratio", "cosine_mask_schedule",
     "random_orders",
 ]
 
@@ -50,22 +50,9 @@ def random_orders(bsz: int, seq_len: int, generator=None, device="cpu") -> torch
     return torch.argsort(_rand((bsz, seq_len), generator, device), dim=1)
 
 
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/p * w/p, C*p*p), channel-major within a token (MAR's layout)."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def unpatchify(x: torch.Tensor, c: int, h: int, w: int, p: int) -> torch.Tensor:
-    """Inverse of ``patchify``: (B, L, C*p*p) -> (B, C, h, w)."""
-    b = x.shape[0]
-    x = x.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, h, w)
-
-
-def sample_mask_ratio(mask_ratio_min: float = 0.7, generator=None, device="cpu") -> float:
-    """One masking ratio from N(1.0, 0.25) truncated to [mask_ratio_min, 1] (inverse-CDF draw).
+def truncnorm_mask_ratio(mask_ratio_min: float = 0.7, generator=None, device="cpu") -> float:
+    """MAR's masking-schedule draw: one ratio from N(1.0, 0.25) truncated to [mask_ratio_min, 1]
+    (inverse-CDF draw). (``corruption.sample_mask_ratio`` is the tokenizer's, a different distribution.)
 
     MAR draws one ratio per batch (scipy ``truncnorm((min - 1) / 0.25, 0, loc=1, scale=0.25)``).
     """
@@ -305,9 +292,9 @@ class MAR(Generator):
         self._check_latents(latents)
         b, dev = latents.shape[0], latents.device
         labels = self.prepare_labels(labels, b, dev, generator)
-        target = patchify(latents, self.patch_size)
+        target = patchify(latents, self.patch_size, channel_major=True)
         orders = random_orders(b, self.seq_len, generator, dev)
-        ratio = sample_mask_ratio(self.mask_ratio_min, generator, dev)
+        ratio = truncnorm_mask_ratio(self.mask_ratio_min, generator, dev)
         n_masked = min(self.seq_len, max(1, math.ceil(self.seq_len * ratio)))
         mask = torch.zeros(b, self.seq_len, dtype=torch.bool, device=dev)
         mask.scatter_(1, orders[:, :n_masked], True)
@@ -320,13 +307,15 @@ class MAR(Generator):
 
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, labels=None, cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
-               generator: Optional[torch.Generator] = None, cfg_schedule: str = "linear") -> torch.Tensor:
+    def sample(self, n: int, labels=None, guidance_scale: float = 1.0, steps: Optional[int] = None,
+               temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+               cfg_schedule: str = "linear") -> torch.Tensor:
         """n latents (n, C, h, w) in ``steps`` (default ``num_iter``) masked-AR steps.
 
-        CFG (``cfg != 1``) doubles the batch with the null class; ``cfg_schedule="linear"`` ramps the
-        scale as ``1 + (cfg - 1) * (L - mask_len) / L`` with mask_len the tokens still masked after the
-        step (MAR's formula), ``"constant"`` uses ``cfg`` throughout. ``cfg == 1`` never builds the
+        CFG (``guidance_scale != 1``) doubles the batch with the null class; ``cfg_schedule="linear"``
+        ramps the scale as ``1 + (guidance_scale - 1) * (L - mask_len) / L`` with mask_len the tokens still
+        masked after the step (MAR's formula), ``"constant"`` uses ``guidance_scale`` throughout.
+        ``guidance_scale == 1`` never builds the
         null half. ``temperature`` scales the diffusion head's sampling noise. ``steps`` above the
         token count is clipped to it (each step reveals at least one token).
         """
@@ -338,7 +327,7 @@ class MAR(Generator):
         num_iter = min(num_iter, self.seq_len)  # more steps than tokens would leave empty steps
         dev, L = self.device, self.seq_len
         labels = self.sample_labels(n, labels, dev)
-        guided = cfg != 1.0
+        guided = guidance_scale != 1.0
         cls = self.class_embedding(labels)
         if guided:
             cls = torch.cat([cls, self.class_embedding(torch.full_like(labels, self.null_class))], dim=0)
@@ -354,14 +343,16 @@ class MAR(Generator):
             else:
                 mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], True)
                 to_pred = mask & ~mask_next
-            scale = 1.0 + (cfg - 1.0) * (L - mask_len) / L if cfg_schedule == "linear" else float(cfg)
+            scale = (1.0 + (guidance_scale - 1.0) * (L - mask_len) / L if cfg_schedule == "linear"
+                     else float(guidance_scale))
             zsel = torch.cat([z[:n][to_pred], z[n:][to_pred]]) if guided else z[to_pred]
             if zsel.shape[0]:
-                new = self.diffloss.sample(zsel, temperature=temperature, cfg=scale if guided else 1.0, generator=generator)
+                new = self.diffloss.sample(zsel, temperature=temperature, guidance_scale=scale if guided else 1.0,
+                                           generator=generator)
                 tokens[to_pred] = new[: int(to_pred.sum())].to(tokens.dtype)
             mask = mask_next
         c, h, w = self.latent_shape
-        return unpatchify(tokens, c, h, w, self.patch_size)
+        return unpatchify(tokens, self.patch_size, c, h, w, channel_major=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ section 4 (SiT column: linear flow, dopri5 ODE, nominally 250 steps).
 - Sampling: ODE from noise (t = 0) to data (t = 1); ``dopri5`` (atol 1e-6, rtol 1e-3) by default, as
   the paper's evaluation (``steps`` is then only the nominal grid), ``euler``/``heun`` with ``steps``
   fixed steps, or ``sampler="sde"``. ``temperature`` scales the initial noise. CFG: constant scale on
-  all channels of the velocity, only when cfg > 1.
+  all channels of the velocity, only when guidance_scale > 1.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from .dit import AdaLNZeroTransformer, randn, size_models
+from .base import randn
+from .dit import AdaLNZeroTransformer, size_models
 from .flow import Transport, ode_sample, sde_sample
 
 __all__ = ["SiT", "SiT_models"]
@@ -67,13 +68,13 @@ class SiT(AdaLNZeroTransformer):
         return ode_sample(model_fn, x0, steps=steps, method=method, model_kwargs=kw, atol=atol, rtol=rtol)
 
     @torch.no_grad()
-    def sample(self, n: int, labels=None, cfg: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
+    def sample(self, n: int, labels=None, guidance_scale: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
                generator: Optional[torch.Generator] = None, sampler: str = "ode", method: str = "dopri5",
                atol: float = 1e-6, rtol: float = 1e-3) -> torch.Tensor:
         """ODE (dopri5 by default; euler/heun with ``steps``, default 250) or SDE sampling; CFG on all
-        channels when cfg > 1."""
+        channels when guidance_scale > 1."""
         y = self.sample_labels(n, labels, self.device)
-        fn = self.guided_fn(cfg)
+        fn = self.guided_fn(guidance_scale)
         return self.run_sampler(fn, n, y, steps=250 if steps is None else steps, temperature=temperature,
                                 generator=generator, sampler=sampler, method=method, atol=atol, rtol=rtol)
 
