@@ -9,7 +9,6 @@ Every stage resumes: running it again reuses finished runs. The two tokenizers a
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
