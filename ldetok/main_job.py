@@ -9,7 +9,6 @@ Every stage resumes: running it again reuses finished runs. The two tokenizers a
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def _link(target: Path, link: Path) -> None:
 def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: str = "auto") -> List[dict]:
     from .reproduce import REPRODUCE_PRESETS, reproduce
     from .data import build_dataset
-    from .tokenizers import load_tokenizer
+    from .runs import load_tokenizer, run_train_config
     from .viz import plot_corruption_sweeps, save_grid
 
     out, figures = Path(out), Path(figures_dir)
@@ -52,7 +51,7 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
     for v, run in runs.items():
         _link(run, out / LINKS[v])
     toks = {LABELS[v]: load_tokenizer(run).eval() for v, run in runs.items()}
-    cfg = json.loads((next(iter(runs.values())) / "tokenizer" / "tokenizer.json").read_text())["train_config"]
+    cfg = run_train_config(next(iter(runs.values())))
     test = build_dataset(cfg["dataset"], split=cfg["eval_split"], image_size=cfg["image_size"],
                          channels=cfg["in_channels"], root=cfg.get("data_root"))
     x, _ = test.tensor_batch([i * min(1000, len(test)) // 10 for i in range(10)])  # test images 0, 100, ..., 900

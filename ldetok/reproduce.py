@@ -276,12 +276,12 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     from .config import resolve_generator_config, resolve_tokenizer_config
     from .data import build_dataset
     from .engine.distributed import barrier, broadcast_object, cleanup, init_distributed, is_distributed
-    from .engine.generator_trainer import load_generator_run, train_generator
+    from .engine.generator_trainer import train_generator
     from .engine.stats import fetch_batch
     from .engine.tokenizer_trainer import train_tokenizer
     from .eval.recon import psnr, ssim
     from .sampling import generate_images
-    from .tokenizers import load_tokenizer
+    from .runs import load_generator_run, load_tokenizer
     from .viz import save_grid
 
     if preset not in REPRODUCE_PRESETS:

@@ -46,7 +46,7 @@ def sample_run(run_dir, n: int = 64, cfg: float = 1.0, steps: Optional[int] = No
     from PIL import Image
 
     from .engine.distributed import resolve_device
-    from .engine.generator_trainer import load_generator_run
+    from .runs import load_generator_run
     from .viz import save_grid
 
     dev = resolve_device(device)

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..data import bundled_photos
 from . import core
 from .core import CUSTOM_SET, FMNIST_SET, PHOTO_SET, DemoError, DemoGenerator, DemoTokenizer
 
@@ -92,8 +93,6 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
         default_set = next((n for n, es in sets.items() if any(e.ok for e in es)), next(iter(sets)))
     if default_set not in sets:
         raise DemoError(f"default_set {default_set!r} is not one of {list(sets)}")
-    from ..data import bundled_photos
-
     photo_names = list(bundled_photos())
     fm_choices, fm_missing = core.fashion_mnist_choices(fmnist_count)
     # the first input: a Fashion-MNIST image for the Fashion-MNIST set, a bundled photo otherwise

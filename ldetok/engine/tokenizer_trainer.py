@@ -28,7 +28,8 @@ import torch.nn as nn
 from ..config import TokenizerTrainConfig
 from ..data import build_dataset
 from ..losses import LossConfig, TokenizerLoss
-from ..tokenizers import Tokenizer, build, load_official_detok, load_tokenizer, save_tokenizer
+from ..runs import RunLayout, load_tokenizer, save_tokenizer
+from ..tokenizers import Tokenizer, build, load_official_detok
 from .checkpoint import CheckpointManager
 from .common import autocast_ctx, ema_decay_at, gather_rng_states, load_resume_state
 from .distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed, unwrap_model
@@ -110,7 +111,7 @@ class TokenizerTrainer:
         # the corruption RNG: one stream per rank, saved in checkpoints
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + d.rank)
         self.step = 0
-        self.ckpts = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_ckpts, cfg.milestone_every)
+        self.ckpts = CheckpointManager(RunLayout(self.run_dir).checkpoints, cfg.keep_ckpts, cfg.milestone_every)
         self.logger = RunLogger(self.run_dir, is_main=d.is_main, tensorboard=cfg.tensorboard,
                                 wandb_project=cfg.wandb_project)
         x_vis, _ = fetch_batch(self.eval_set, list(range(min(16, len(self.eval_set)))))
@@ -244,11 +245,11 @@ class TokenizerTrainer:
         mean, std = collect_latent_stats(tok, self.train_set, self.cfg.stats_images, device=self.device)
         summary = {"step": self.step, "latent_mean": mean.tolist(), "latent_std": std.tolist()}
         if self.dist.is_main:
-            save_tokenizer(tok, self.run_dir / "tokenizer",
+            save_tokenizer(tok, RunLayout(self.run_dir).tokenizer,
                            extra={"step": self.step, "ema": True, "stats_images": self.cfg.stats_images,
                                   "train_config": asdict(self.cfg)})
             self.log_images()
-            self.logger.log_line(f"exported the EMA tokenizer with latent statistics to {self.run_dir / 'tokenizer'}")
+            self.logger.log_line(f"exported the EMA tokenizer with latent statistics to {RunLayout(self.run_dir).tokenizer}")
         barrier()
         self.logger.close()
         return summary

@@ -13,21 +13,9 @@ from typing import Optional, Sequence
 import torch
 
 from ..corruption import interpolative_noise
+from ..runs import load_tokenizer, run_train_config
 
-__all__ = ["evaluate_tokenizer_run", "lpips_or_reason", "run_train_config"]
-
-
-def run_train_config(run_dir) -> dict:
-    """The training config of a run (from the exported tokenizer, else the run's config.json)."""
-    d = Path(run_dir)
-    for meta in (d / "tokenizer" / "tokenizer.json", d / "tokenizer.json"):
-        if meta.exists():
-            cfg = json.loads(meta.read_text()).get("train_config")
-            if cfg:
-                return cfg
-    if (d / "config.json").exists():
-        return json.loads((d / "config.json").read_text())
-    raise FileNotFoundError(f"{d}: no tokenizer/tokenizer.json or config.json (is this a tokenizer run folder?)")
+__all__ = ["evaluate_tokenizer_run", "lpips_or_reason"]
 
 
 def lpips_or_reason(device):
@@ -53,7 +41,6 @@ def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] 
                            rfid_corrupted: bool = True) -> dict:
     from ..data import build_dataset
     from ..engine.distributed import resolve_device
-    from ..tokenizers import load_tokenizer
     from .recon import evaluate_reconstruction
 
     dev = resolve_device(device)
