@@ -21,7 +21,8 @@ from ldetok.demo.core import DemoError
 
 
 def _save_tiny(directory, seed, **overrides):
-    from ldetok.tokenizers import build, save_tokenizer
+    from ldetok.runs import save_tokenizer
+    from ldetok.tokenizers import build
 
     torch.manual_seed(seed)
     tok = build("detok_MM", **overrides)
@@ -261,7 +262,7 @@ def test_prepare_demo_tokenizers_trains_both_presets(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def gen_run(tmp_path_factory, tiny_dirs):
-    from ldetok.engine.generator_trainer import save_generator
+    from ldetok.runs import save_generator
     from ldetok.generators import build_generator
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ldetok.engine.logging import read_metrics
-from ldetok.tokenizers import load_tokenizer
+from ldetok.runs import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
