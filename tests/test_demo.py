@@ -242,10 +242,8 @@ def test_non_image_file_clear_error(tmp_path):
 
 
 def test_prepare_demo_tokenizers_trains_both_presets(tmp_path, monkeypatch):
-    import ldetok.engine.tokenizer_trainer as trainer
-
     calls = []
-    monkeypatch.setattr(trainer, "train_tokenizer", lambda cfg, run: calls.append((cfg, run)))
+    monkeypatch.setattr(core, "train_tokenizer", lambda cfg, run: calls.append((cfg, run)))
     done = tmp_path / "cpu-photos-ae" / "tokenizer"
     done.mkdir(parents=True)
     (done / "tokenizer.json").write_text(json.dumps({"step": 800}))
