@@ -1,6 +1,7 @@
 """Figures: image grids and the corruption panels (the official demo's two sweeps).
 
-Every function takes tensors in [-1, 1] and writes a PNG; none holds training or model logic.
+Images are tensors in [-1, 1] (or uint8); grids are laid out by torchvision's make_grid and rounded to
+8 bits by ``data.to_uint8``. None of these functions holds training or model logic.
 """
 
 from __future__ import annotations
