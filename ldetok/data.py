@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "CIFAR10", "DATASETS", "FashionMNIST", "ImageFolderDataset", "PhotoCrops", "build_dataset",
     "bundled_photos", "center_crop_adm", "default_data_available", "ensure_default_data",
-    "find_fashion_mnist", "load_rgb", "read_idx",
+    "find_fashion_mnist", "from_uint8", "load_rgb", "read_idx", "to_uint8",
 ]
 
 log = logging.getLogger("ldetok.data")
@@ -46,9 +46,23 @@ def _check_size(image_size):
         raise ValueError(f"image_size={image_size!r} must be an int >= 8")
 
 
-def _to_unit(batch_u8: np.ndarray) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(batch_u8)).float().div_(127.5).sub_(1.0)
+# ------------------------------------------------------------------ the pixel convention
+# Images are float tensors in [-1, 1]; these two functions are the only conversions to and from 8 bits.
+def from_uint8(pixels) -> torch.Tensor:
+    """uint8 pixels (a tensor or an array, any layout) -> float32 in [-1, 1]: ``u / 127.5 - 1``."""
+    u = torch.from_numpy(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else torch.as_tensor(pixels)
+    return u.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor, value_range: tuple = (-1.0, 1.0)) -> torch.Tensor:
+    """Images in ``value_range`` -> uint8, same shape and device: clamped, scaled to [0, 255] and rounded
+    half to even (``round((x + 1) * 127.5)`` for [-1, 1]; rounded, never truncated, so
+    ``to_uint8(from_uint8(u)) == u``)."""
+    lo, hi = float(value_range[0]), float(value_range[1])
+    if not hi > lo:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    x = x.detach().float()
+    return ((x.clamp(lo, hi) - lo) * (255.0 / (hi - lo))).round().to(torch.uint8)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -72,7 +86,7 @@ class _InMemory(Dataset):
         if isinstance(indices, torch.Tensor):
             indices = indices.cpu().numpy()
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return self._finish(_to_unit(self._uint8_batch(idx))), torch.from_numpy(self.labels[idx])
+        return self._finish(from_uint8(self._uint8_batch(idx))), torch.from_numpy(self.labels[idx])
 
     def __getitem__(self, index):
         x, y = self.tensor_batch([index])
@@ -405,7 +419,7 @@ class ImageFolderDataset(Dataset):
                 log.warning("skipping unreadable image %s (%s: %s); %d skipped so far",
                             path, type(e).__name__, e, self.skipped)
                 continue
-            x = _to_unit(arr.transpose(2, 0, 1)[None])[0]
+            x = from_uint8(arr.transpose(2, 0, 1)[None])[0]
             if self.train and torch.rand(()) < 0.5:
                 x = x.flip(-1)
             return x, label

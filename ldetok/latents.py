@@ -21,6 +21,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .data import build_dataset
+from .engine.stats import fetch_batch
+from .runs import WEIGHTS, RunLayout, atomic_write_json, load_tokenizer, run_train_config, tokenizer_dir
 from .tokenizers.base import DiagonalGaussian
 
 __all__ = ["tokenizer_fingerprint", "build_latent_cache", "LatentCache", "LatentStatsMismatch"]
@@ -31,19 +34,13 @@ class LatentStatsMismatch(ValueError):
 
 
 def tokenizer_fingerprint(tok_dir) -> str:
-    """sha256 of the exported tokenizer weights (``model.safetensors``), the identity of a cache."""
-    d = Path(tok_dir)
-    if (d / "tokenizer" / "model.safetensors").exists():
-        d = d / "tokenizer"
+    """sha256 of the exported tokenizer weights (``model.safetensors``), the identity of a cache.
+    ``tok_dir``: a tokenizer run or an exported tokenizer folder."""
     h = hashlib.sha256()
-    with open(d / "model.safetensors", "rb") as f:
+    with open(tokenizer_dir(tok_dir) / WEIGHTS, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def default_cache_dir(tok_run, dataset: str, split: str, flip: bool) -> Path:
-    return Path(tok_run) / "latents" / f"{dataset}_{split}{'_flip' if flip else ''}"
 
 
 @torch.no_grad()
@@ -52,16 +49,13 @@ def build_latent_cache(tok_run, dataset_name: Optional[str] = None, split: str =
                        verbose: bool = True) -> "LatentCache":
     """Encode ``split`` of the tokenizer run's dataset (or ``dataset_name``) once; reuse a complete cache
     built from the same tokenizer weights."""
-    from .eval.tokenizer import run_train_config
-    from .tokenizers import load_tokenizer
-
     tok = load_tokenizer(tok_run).to(device).eval()
     if not tok.has_stats:
         raise LatentStatsMismatch(f"{tok_run}: the tokenizer has no latent statistics; a finished tokenizer run "
                                   "exports them (or call collect_latent_stats)")
     cfg = run_train_config(tok_run)
     dataset_name = dataset_name or cfg.data.dataset
-    out = Path(out_dir) if out_dir else default_cache_dir(tok_run, dataset_name, split, flip)
+    out = Path(out_dir) if out_dir else RunLayout(tok_run).latent_cache(dataset_name, split, flip)
     out.parent.mkdir(parents=True, exist_ok=True)
     # one builder at a time (several runs may start on the same tokenizer at once): the others wait,
     # then find the finished cache
@@ -73,9 +67,6 @@ def build_latent_cache(tok_run, dataset_name: Optional[str] = None, split: str =
 
 def _build_locked(tok, tok_run, cfg, dataset_name, split, flip, out, explicit_dir, batch_size, device, data_root,
                   limit, verbose):
-    from .data import build_dataset
-    from .engine.stats import fetch_batch
-
     fp = tokenizer_fingerprint(tok_run)
     meta_path = out / "meta.json"
     if meta_path.exists():
@@ -122,7 +113,7 @@ def _build_locked(tok, tok_run, cfg, dataset_name, split, flip, out, explicit_di
             "latent_mean": tok.latent_mean.tolist(), "latent_std": tok.latent_std.tolist(),
             "dataset": dataset_name, "split": split, "count": n, "limit": limit, "image_size": cfg.model.image_size,
             "latent_shape": [c, h, w], "flip": flip, "num_classes": int(getattr(ds, "num_classes", int(labels.max()) + 1))}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_json(meta, tmp / "meta.json")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     if verbose:

@@ -36,8 +36,7 @@ def _link(target: Path, link: Path) -> None:
 def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: str = "auto") -> List[dict]:
     from .reproduce import REPRODUCE_PRESETS, reproduce
     from .data import build_dataset
-    from .eval.tokenizer import run_corruption, run_train_config
-    from .tokenizers import load_tokenizer
+    from .runs import load_tokenizer, run_corruption, run_train_config
     from .viz import plot_corruption_sweeps, save_grid
 
     out, figures = Path(out), Path(figures_dir)

@@ -18,8 +18,19 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .config import (VARIANTS, GeneratorTrainConfig, TokenizerTrainConfig, resolve_generator_config,
+                     resolve_tokenizer_config)
 from .corruption import CorruptionConfig
-from .eval.tokenizer import run_corruption as _run_corruption
+from .data import build_dataset
+from .engine.distributed import resolve_device
+from .engine.generator_trainer import train_generator
+from .engine.logging import read_metrics
+from .engine.stats import fetch_batch
+from .engine.tokenizer_trainer import train_tokenizer
+from .eval.recon import psnr, psnr_under_noise
+from .runs import RunKind, atomic_write_json, generator_meta, run_kind, tokenizer_meta
+from .runs import run_corruption as _run_corruption
+from .viz import corruption_sweeps
 
 __all__ = ["project_root", "resolve", "run_dir", "save_fig", "log_metrics", "train_in_process_or_torchrun",
            "ensure_tokenizer", "ensure_generator", "has_tokenizer", "images", "psnr_sweep", "latent_summary",
@@ -81,25 +92,22 @@ def log_metrics(values: Dict, run_dir) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update(_plain(dict(values)))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(old, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(old, path, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
 def has_tokenizer(path) -> bool:
+    """Whether ``path`` holds a finished tokenizer run."""
     p = resolve(path)
-    return p is not None and (p / "tokenizer" / "tokenizer.json").exists()
+    return p is not None and run_kind(p) == RunKind.TOKENIZER_RUN
 
 
 def _summary(kind: str, out: Path) -> dict:
     if kind == "tokenizer":
-        meta = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
-        return {"step": meta.get("step")}
-    meta = json.loads((out / "generator" / "generator.json").read_text())
+        return {"step": tokenizer_meta(out).get("step")}
+    meta = generator_meta(out)
     return {"step": meta.get("step"), "final_loss_smooth": meta.get("final_loss_smooth")}
 
 
@@ -107,9 +115,6 @@ def train_in_process_or_torchrun(kind: str, preset: Optional[str], overrides: Di
     """Train a ``kind`` ("tokenizer" or "generator") run into ``out``: in this process with ``nproc=1``,
     else ``torchrun --nproc_per_node NPROC -m ldetok.cli train-<kind> ...`` as a subprocess whose output
     is streamed here. Returns the run's summary (``step``, and for a generator ``final_loss_smooth``)."""
-    from .config import (GeneratorTrainConfig, TokenizerTrainConfig, resolve_generator_config,
-                         resolve_tokenizer_config)
-
     if kind not in ("tokenizer", "generator"):
         raise ValueError(f"kind must be 'tokenizer' or 'generator', got {kind!r}")
     out = resolve(out)
@@ -120,11 +125,7 @@ def train_in_process_or_torchrun(kind: str, preset: Optional[str], overrides: Di
     cfg = resolve_cfg(preset, overrides)  # refuse bad values before any work or any subprocess
     if int(nproc) <= 1:
         if kind == "tokenizer":
-            from .engine.tokenizer_trainer import train_tokenizer
-
             return train_tokenizer(cfg, out)
-        from .engine.generator_trainer import train_generator
-
         return train_generator(cfg, out)
     cls = TokenizerTrainConfig if kind == "tokenizer" else GeneratorTrainConfig
     names = set(cls.__dataclass_fields__)
@@ -158,7 +159,7 @@ def ensure_tokenizer(path, preset: str, steps: int, fallback, nproc: int = 1, **
 def ensure_generator(path, preset: str, overrides: Dict, nproc: int = 1) -> Path:
     """Train a generator into ``path`` unless it already holds a finished one."""
     out = resolve(path)
-    if not (out / "generator" / "generator.json").exists():
+    if run_kind(out) != RunKind.GENERATOR_RUN:
         train_in_process_or_torchrun("generator", preset, overrides, out, nproc)
     return out
 
@@ -169,9 +170,6 @@ def ensure_generator(path, preset: str, overrides: Dict, nproc: int = 1) -> Path
 def images(dataset: str, n: int, split: str = "test", image_size: int = 32, channels: int = 3, start: int = 0,
            root=None):
     """The first ``n`` images (and labels) of a dataset split, in [-1, 1]."""
-    from .data import build_dataset
-    from .engine.stats import fetch_batch
-
     ds = build_dataset(dataset, split="val" if (dataset == "photos" and split == "test") else split,
                        image_size=image_size, channels=channels, root=root)
     n = min(int(n), len(ds) - start)
@@ -179,8 +177,6 @@ def images(dataset: str, n: int, split: str = "test", image_size: int = 32, chan
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    from .eval.recon import psnr
-
     return float(psnr(a.clamp(-1, 1), b)[0])
 
 
@@ -196,9 +192,6 @@ def psnr_sweep(tokenizer, x: torch.Tensor, levels: Sequence[float] = (), ratios:
     (``ldetok.eval.psnr_under_noise``: image ``i`` of ``x`` gets its ε seeded by (``seed``, i), the numbers
     of ``ldetok eval-tokenizer`` and ``ldetok reproduce``) and at each mask ratio (``viz.corruption_sweeps``,
     masking inside the encoder)."""
-    from .eval.recon import psnr_under_noise
-    from .viz import corruption_sweeps
-
     out = {"levels": [float(t) for t in levels], "ratios": [float(r) for r in ratios]}
     noised = psnr_under_noise(tokenizer, x, levels, gamma, noise_type, seed) if len(levels) else {}
     out["psnr_noise"] = [float(noised[float(t)]["psnr"].mean()) for t in levels]
@@ -219,8 +212,6 @@ def latent_summary(tokenizer, x: torch.Tensor) -> dict:
 
 def loss_curves(run, keys: Sequence[str] = ("loss",)) -> Dict[str, tuple]:
     """``{key: (steps, values)}`` from a run's metrics.jsonl."""
-    from .engine.logging import read_metrics
-
     recs = read_metrics(resolve(run))
     out = {}
     for k in keys:
@@ -231,8 +222,6 @@ def loss_curves(run, keys: Sequence[str] = ("loss",)) -> Dict[str, tuple]:
 
 
 def device(name: str = "auto") -> torch.device:
-    from .engine.distributed import resolve_device
-
     return resolve_device(name)
 
 
@@ -257,8 +246,6 @@ def copy_figure(src, name: str, figures_dir="figures") -> Path:
 
 def preset_for(run_path, preset: str) -> str:
     """The preset a missing run folder stands for: ``runs/main/cpu-fmnist-ae`` -> ``PRESET-ae``."""
-    from .config import VARIANTS
-
     name = Path(str(run_path)).name
     for v in VARIANTS:
         if v != "detok" and name.endswith(f"-{v}") and not preset.endswith(f"-{v}"):
@@ -302,7 +289,5 @@ def plot_sweep(rows: Sequence[dict], x: str, ys: Sequence[str], group_by: Sequen
 def corrupt_and_decode(tokenizer, x: torch.Tensor, t: float, mask_ratio: float, gamma: float = 3.0,
                        noise_type: str = "interpolative", seed: int = 18) -> dict:
     """``{"noise": decode(noise(z, t)), "mask": decode(encode with mask_ratio)}`` for one setting."""
-    from .viz import corruption_sweeps
-
     sw = corruption_sweeps(tokenizer, x, [float(t)], [float(mask_ratio)], gamma, noise_type, seed)
     return {"noise": sw["noise"][0], "mask": sw["mask"][0]}

@@ -47,7 +47,7 @@ def sample_run(run_dir, n: int = 64, guidance_scale: float = 1.0, steps: Optiona
     from PIL import Image
 
     from .engine.distributed import resolve_device
-    from .engine.generator_trainer import load_generator_run
+    from .runs import load_generator_run
     from .viz import save_grid
 
     dev = resolve_device(device)

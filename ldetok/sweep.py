@@ -99,6 +99,8 @@ def run_sweep(notebook, grid: Dict[str, list], out, parallel: Optional[int] = No
               extra_params: Optional[dict] = None, kernel_name: Optional[str] = None, cwd=None) -> dict:
     """Execute ``notebook`` once per grid point (see the module docstring); returns and writes
     ``OUT/sweep.json``: ``{"notebook", "grid", "points": {name: {params, status, returncode, ...}}}``."""
+    from .runs import atomic_write_json  # here, not at the top: ``ldetok --help`` builds this parser without torch
+
     notebook, out = Path(notebook).resolve(), Path(out).resolve()
     if not notebook.exists():
         raise FileNotFoundError(f"notebook not found: {notebook}")
@@ -136,7 +138,7 @@ def run_sweep(notebook, grid: Dict[str, list], out, parallel: Optional[int] = No
     with ThreadPoolExecutor(max_workers=len(slots)) as ex:
         results = dict(ex.map(job, zip(names, points)))
     summary = {"notebook": str(notebook), "grid": grid, "points": {n: results[n] for n in names}}
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_json(summary, out / "sweep.json")
     failed = [n for n in names if results[n]["status"] != "ok"]
     print(f"[sweep] {len(names) - len(failed)}/{len(names)} points ok" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return summary

@@ -1,6 +1,7 @@
 """Figures: image grids and the corruption panels (the official demo's two sweeps).
 
-Every function takes tensors in [-1, 1] and writes a PNG; none holds training or model logic.
+Images are tensors in [-1, 1] (or uint8); grids are laid out by torchvision's make_grid and rounded to
+8 bits by ``data.to_uint8``. None of these functions holds training or model logic.
 """
 
 from __future__ import annotations
@@ -10,36 +11,62 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.utils import make_grid
 
 from . import corruption as C
+from .data import to_uint8
 from .eval.recon import image_noise
 
-__all__ = ["to_numpy_image", "save_grid", "corruption_sweeps", "plot_corruption_sweeps"]
+__all__ = ["to_numpy_image", "image_grid", "save_image", "save_grid", "corruption_sweeps", "plot_corruption_sweeps"]
 
 
 def to_numpy_image(x: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [-1, 1] -> (H, W, 3) float in [0, 1] (gray replicated)."""
+    """(C, H, W) in [-1, 1] -> (H, W, 3) float in [0, 1] (gray replicated), for matplotlib."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)
     if x.shape[0] == 1:
         x = x.expand(3, -1, -1)
     return x.permute(1, 2, 0).numpy()
 
 
-def save_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:
-    """A PNG grid of (B, C, H, W) images in [-1, 1], rounded (not truncated) to 8 bits."""
-    from PIL import Image
+def image_grid(images, nrow: int = 8, padding: int = 2, value_range: tuple = (-1.0, 1.0),
+               pad_value: int = 255) -> np.ndarray:
+    """Images -> one uint8 (H, W, 3) grid: ``min(nrow, N)`` per row, ``padding`` px of ``pad_value``
+    (white) around and between them (``torchvision.utils.make_grid``), also around a single image.
 
-    b, c, h, w = images.shape
-    ncol = min(nrow, b)
-    rows = (b + ncol - 1) // ncol
-    canvas = np.ones((rows * (h + 2) + 2, ncol * (w + 2) + 2, 3), dtype=np.float32)
-    for i in range(b):
-        r, q = divmod(i, ncol)
-        canvas[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = to_numpy_image(images[i])
+    ``images``: (N, C, H, W) or (C, H, W) with C in 1 (gray, replicated), 3 or 4 (alpha dropped), float
+    in ``value_range`` (rounded to 8 bits by ``data.to_uint8``) or already uint8; a uint8 numpy (H, W[, C])
+    array is taken as a finished grid.
+    """
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        arr = images if images.ndim == 3 else images[..., None]
+        return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[..., :3]
+    x = torch.as_tensor(images).detach().cpu()
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[1] not in (1, 3, 4) or x.shape[0] == 0:
+        raise ValueError(f"images must be (N, C, H, W) or (C, H, W) with N >= 1 and C in 1/3/4, got {tuple(x.shape)}")
+    u = x if x.dtype == torch.uint8 else to_uint8(x, value_range)
+    u = u[:, :3] if u.shape[1] == 4 else u.expand(-1, 3, -1, -1) if u.shape[1] == 1 else u
+    if len(u) == 1:  # make_grid returns a single image unpadded
+        grid = F.pad(u[0], (padding,) * 4, value=pad_value)
+    else:
+        grid = make_grid(u, nrow=nrow, padding=padding, pad_value=pad_value)
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+def save_image(pixels: np.ndarray, path) -> Path:
+    """Write a uint8 (H, W[, 3]) array as a PNG (creating the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.rint(canvas * 255).astype(np.uint8)).save(path)
+    Image.fromarray(pixels).save(path)
     return path
+
+
+def save_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:
+    """A PNG grid of (B, C, H, W) images in [-1, 1] (``image_grid``), rounded (not truncated) to 8 bits."""
+    return save_image(image_grid(images, nrow=nrow), path)
 
 
 @torch.no_grad()

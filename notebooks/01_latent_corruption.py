@@ -53,7 +53,8 @@ import torch
 
 from ldetok import corruption as C
 from ldetok import notebook as nb
-from ldetok.tokenizers import load_official_detok, load_tokenizer
+from ldetok.runs import load_tokenizer
+from ldetok.tokenizers import load_official_detok
 from ldetok.viz import plot_corruption_sweeps, to_numpy_image
 
 torch.manual_seed(SEED)

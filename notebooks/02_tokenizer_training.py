@@ -44,8 +44,8 @@ import torch
 from IPython.display import Image, display
 
 from ldetok import notebook as nb
-from ldetok.eval.tokenizer import evaluate_tokenizer_run, run_train_config
-from ldetok.tokenizers import load_tokenizer
+from ldetok.eval.tokenizer import evaluate_tokenizer_run
+from ldetok.runs import load_tokenizer, run_train_config
 from ldetok.viz import save_grid
 
 run = nb.run_dir(RUN_DIR, "02_tokenizer_training")

@@ -65,7 +65,7 @@ print("mode:", MODE, "| run folder:", run)
 
 # %%
 if MODE == "point":
-    from ldetok.tokenizers import load_tokenizer
+    from ldetok.runs import load_tokenizer
 
     overrides = dict(max_steps=STEPS, seed=SEED, device=DEVICE, batch_size=BATCH_SIZE, stats_images=STATS_IMAGES,
                      gamma=float(gamma), max_mask_ratio=float(max_mask_ratio), noise_type=noise_type,
@@ -73,7 +73,7 @@ if MODE == "point":
                      log_every=max(1, min(25, STEPS // 10)), image_every=0, tensorboard=False)
     summary = nb.train_in_process_or_torchrun("tokenizer", PRESET, overrides, run / "tokenizer_run", NPROC)
     tok = load_tokenizer(run / "tokenizer_run").eval()
-    from ldetok.eval.tokenizer import run_train_config
+    from ldetok.runs import run_train_config
 
     cfg = run_train_config(run / "tokenizer_run")
     x, _ = nb.images(cfg.data.dataset, N_EVAL, cfg.data.eval_split, cfg.model.image_size, cfg.model.in_channels)

@@ -44,8 +44,7 @@ import pandas as pd
 from pathlib import Path
 
 from ldetok import notebook as nb
-from ldetok.eval.tokenizer import run_train_config
-from ldetok.tokenizers import load_tokenizer
+from ldetok.runs import load_tokenizer, run_train_config
 
 run = nb.run_dir(RUN_DIR, "05_latent_robustness")
 levels = [round(0.1 * i, 1) for i in range(10)]

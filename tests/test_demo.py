@@ -26,7 +26,8 @@ from ldetok.demo.core import DemoError
 def _save_tiny(directory, seed, corruption=None, legacy=False, **overrides):
     """An export as the trainer writes it (its corruption settings in ``corruption``), or, with ``legacy``,
     as exports were written when the model config held them."""
-    from ldetok.tokenizers import build, save_tokenizer
+    from ldetok.runs import save_tokenizer
+    from ldetok.tokenizers import build
 
     torch.manual_seed(seed)
     tok = build("detok_MM", **overrides)
@@ -286,10 +287,8 @@ def test_non_image_file_clear_error(tmp_path):
 
 
 def test_prepare_demo_tokenizers_trains_both_presets(tmp_path, monkeypatch):
-    import ldetok.engine.tokenizer_trainer as trainer
-
     calls = []
-    monkeypatch.setattr(trainer, "train_tokenizer", lambda cfg, run: calls.append((cfg, run)))
+    monkeypatch.setattr(core, "train_tokenizer", lambda cfg, run: calls.append((cfg, run)))
     done = tmp_path / "cpu-photos-ae" / "tokenizer"
     done.mkdir(parents=True)
     (done / "tokenizer.json").write_text(json.dumps({"step": 800}))
@@ -307,7 +306,7 @@ def test_prepare_demo_tokenizers_trains_both_presets(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def gen_run(tmp_path_factory, tiny_dirs):
-    from ldetok.engine.generator_trainer import save_generator
+    from ldetok.runs import save_generator
     from ldetok.generators import build_generator
 
     torch.manual_seed(0)

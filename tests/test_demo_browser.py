@@ -57,7 +57,8 @@ def _free_port() -> int:
 def _tokenizer_sets(tmp_path):
     from ldetok.demo import core
     from ldetok.demo.app import resolve_tokenizer_sets
-    from ldetok.tokenizers import build, save_tokenizer
+    from ldetok.runs import save_tokenizer
+    from ldetok.tokenizers import build
 
     sets = resolve_tokenizer_sets(None, "runs/demo", "runs/main")  # relative: the screenshot shows no local paths
     if any(e.ok for es in sets.values() for e in es):

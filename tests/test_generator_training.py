@@ -10,7 +10,7 @@ from PIL import Image
 
 from ldetok.cli import main as cli
 from ldetok.engine.logging import read_metrics
-from ldetok.engine.generator_trainer import load_generator_run
+from ldetok.runs import load_generator_run
 
 FAST = ["max_steps=3", "batch_size=16", "log_every=1", "tensorboard=false", "ckpt_every=2"]
 # small diffusion heads / few sampling steps keep sampling quick on a CPU
@@ -76,7 +76,7 @@ def test_online_tokenization_path(tok_run, tmp_path):
 
 def test_foreign_cache_is_refused(tok_run, tmp_path, capsys):
     from ldetok.latents import build_latent_cache
-    from ldetok.tokenizers import load_tokenizer, save_tokenizer
+    from ldetok.runs import load_tokenizer, save_tokenizer
 
     other = load_tokenizer(tok_run)
     other.set_latent_stats(other.latent_mean * 2, other.latent_std * 3)

@@ -6,7 +6,7 @@ import torch
 
 from ldetok.data import build_dataset
 from ldetok.latents import LatentCache, LatentStatsMismatch, build_latent_cache
-from ldetok.tokenizers import load_tokenizer, save_tokenizer
+from ldetok.runs import load_tokenizer, save_tokenizer
 
 
 def test_cache_matches_tokenizer_and_is_reused(tok_run, tmp_path):

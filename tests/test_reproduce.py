@@ -200,7 +200,7 @@ def test_progress_estimate_charges_each_kind_its_measured_rate(monkeypatch, caps
 def test_reproduce_with_decoder_finetuning(tmp_path):
     """--decoder-ft: each tokenizer gets a decoder-only stage; the generator trains on the fine-tuned
     tokenizer, whose encoder equals the base one's."""
-    from ldetok.tokenizers import load_tokenizer
+    from ldetok.runs import load_tokenizer
 
     out = tmp_path / "ft"
     assert cli(["reproduce", "--preset", "tiny", "--variants", "detok", "--budgets", "2:2", "--decoder-ft", "2",

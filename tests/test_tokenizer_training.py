@@ -14,7 +14,7 @@ import torch
 
 from ldetok.corruption import CorruptionConfig
 from ldetok.engine.logging import read_metrics
-from ldetok.tokenizers import load_tokenizer
+from ldetok.runs import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ldetok import corruption as C
 from ldetok import tokenizers as T
 from ldetok.corruption import CorruptionConfig, CorruptionDraw, denoising_forward
+from ldetok.runs import load_tokenizer, save_tokenizer
 from ldetok.tokenizers import DeTok, build
 
 TINY = dict(image_size=16, patch_size=4, latent_channels=6, enc_width=32, enc_depth=2, enc_heads=2,
@@ -185,15 +186,15 @@ def test_normalisation_round_trip_and_stats():
 def test_save_load_round_trip(tmp_path):
     tok = tiny(mlp_ratio=2.0, latent_channels=6)
     tok.set_latent_stats(torch.arange(6.0), torch.ones(6) * 2)
-    T.save_tokenizer(tok, tmp_path / "tok")
-    back = T.load_tokenizer(tmp_path / "tok")
+    save_tokenizer(tok, tmp_path / "tok")
+    back = load_tokenizer(tmp_path / "tok")
     assert back.cfg == tok.cfg and back.has_stats
     for (k, a), (_, b) in zip(tok.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(back.eval().tokenize(x), tok.eval().tokenize(x))
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        T.load_tokenizer(tmp_path / "nothing")
+        load_tokenizer(tmp_path / "nothing")
 
 
 def test_exports_with_legacy_corruption_keys_still_load(tmp_path):

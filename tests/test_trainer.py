@@ -81,11 +81,14 @@ def test_resume_with_two_workers_equals_an_uninterrupted_single_process_run(tmp_
 
 
 def test_decoder_fine_tuning_trains_without_corruption_and_records_the_encoders(tok_run, tmp_path):
-    cfg = resolve_tokenizer_config("cpu-fmnist", dict(FAST, max_steps=2, stage="decoder_ft", init_from=str(tok_run)))
-    assert cfg.corruption.gamma == 3.0  # the run's settings are kept (what the frozen encoder was trained with) ...
+    # the fine-tuning config names other corruption settings than the parent (γ=3, M=0.7) was trained with
+    cfg = resolve_tokenizer_config("cpu-fmnist", dict(FAST, max_steps=2, stage="decoder_ft", init_from=str(tok_run),
+                                                      gamma=0.5, max_mask_ratio=0.0))
     trainer = TokenizerTrainer(cfg, tmp_path / "ft")
-    assert trainer.corruption == CorruptionConfig.off()  # ... but training corrupts nothing
+    assert trainer.corruption == CorruptionConfig.off()  # training corrupts nothing
     assert trainer.pass_.cfg == CorruptionConfig.off()
     trainer.fit()
+    # the export records what its (frozen) encoder was trained with: the parent's settings
     meta = json.loads((tmp_path / "ft" / "tokenizer" / "tokenizer.json").read_text())
-    assert CorruptionConfig.from_dict(meta["corruption"]).gamma == 3.0
+    got = CorruptionConfig.from_dict(meta["corruption"])
+    assert (got.gamma, got.max_mask_ratio) == (3.0, 0.7)

@@ -14,6 +14,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, Union
 
 from ..corruption import NOISE
+from ..data import bundled_photos
 from . import core
 from .core import CUSTOM_SET, FMNIST_SET, PHOTO_SET, DemoError, DemoGenerator, DemoTokenizer
 
@@ -94,8 +95,6 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
     if default_set not in sets:
         raise DemoError(f"default_set {default_set!r} is not one of {list(sets)}")
     start = core.default_corruption(sets[default_set])  # the sliders start at the run's own settings
-    from ..data import bundled_photos
-
     photo_names = list(bundled_photos())
     fm_choices, fm_missing = core.fashion_mnist_choices(fmnist_count)
     # the first input: a Fashion-MNIST image for the Fashion-MNIST set, a bundled photo otherwise

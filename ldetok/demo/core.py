@@ -18,7 +18,7 @@ real resolution stays visible.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import re
 import threading
 import weakref
@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from .. import corruption as C
-from ..eval.tokenizer import run_corruption
+from ..config import resolve_tokenizer_config
+from ..data import FASHION_CLASSES, to_uint8
+from ..engine.tokenizer_trainer import train_tokenizer
+from ..runs import (RunKind, describe, load_generator_run, load_tokenizer, run_corruption, run_kind, run_train_config,
+                    tokenizer_meta)
+from ..sampling import generate_images
+from ..tokenizers import REGISTRY, OfficialCheckpointError, load_official_detok, load_official_marvae
+from ..viz import image_grid
 from .images import (MAX_INPUT_SIDE, DemoError, InputImage, _to_uint8, bundled_photo, display_size,
                      fashion_mnist_choices, fashion_mnist_image, prepare_image, read_image, to_display,
                      to_model_input)
@@ -104,8 +111,6 @@ _OFFICIAL_RE = re.compile(r"(detok|vitok)[-_]?([A-Za-z]{2,4})", re.IGNORECASE)
 
 def _official_model_and_label(p: Path) -> Tuple[str, str]:
     """``detok-BB-gamm3.0-m0.7-decoder_tuned.pth`` -> ("detok_BB", "l-DeTok BB decoder-tuned")."""
-    from ..tokenizers import REGISTRY
-
     m = _OFFICIAL_RE.search(p.stem)
     code = m.group(2).upper() if m else "BB"
     model = f"detok_{code}" if f"detok_{code}" in REGISTRY else "detok_BB"
@@ -142,8 +147,6 @@ def load_tokenizer_spec(spec) -> DemoTokenizer:
     ``-decoder_tuned`` twin, ``vitok-BB.pth``: the size is read from the name, ``detok_BB`` otherwise)
     or MAR's ``kl16.ckpt``.
     """
-    from ..tokenizers import OfficialCheckpointError, load_official_detok, load_official_marvae, load_tokenizer
-
     s = parse_spec(spec)
     p = Path(s.path).expanduser()
     make = f" Make it with: {s.hint}" if s.hint else ""
@@ -161,8 +164,8 @@ def load_tokenizer_spec(spec) -> DemoTokenizer:
             try:
                 tok = load_tokenizer(p)
             except FileNotFoundError:
-                raise DemoError(f"{p}: holds no finished tokenizer (no tokenizer.json or tokenizer/tokenizer.json: "
-                                f"the trainer exports it when the run ends).{make}") from None
+                raise DemoError(f"{p}: holds no finished tokenizer ({describe(p)}; the trainer exports it to "
+                                f"tokenizer/ when the run ends).{make}") from None
             corruption = run_corruption(p)
             label = _run_label(p, corruption)
     except (OfficialCheckpointError, KeyError, RuntimeError, OSError, ValueError) as e:
@@ -233,8 +236,6 @@ _CLEAN_LOCK = threading.Lock()
 
 
 def _clean_pass(tok, x: torch.Tensor):
-    import hashlib
-
     key = hashlib.sha1(x.numpy().tobytes()).hexdigest() + str(tuple(x.shape))
     with _CLEAN_LOCK:
         cache = _CLEAN_CACHE.setdefault(tok, OrderedDict())
@@ -361,7 +362,7 @@ def latent_pca_image(z: torch.Tensor, mask: Optional[torch.Tensor] = None, basis
     mean, comps, lo, hi = basis if basis is not None else latent_pca_basis(z)
     proj = (z.reshape(c, -1).T - mean) @ comps.T  # (N, 3)
     rgb = ((proj - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
-    img = (rgb * 255).round().to(torch.uint8).reshape(h, w, 3).numpy().copy()
+    img = to_uint8(rgb, value_range=(0.0, 1.0)).reshape(h, w, 3).numpy().copy()
     if mask is not None:
         m = torch.as_tensor(mask).reshape(h, w).bool().numpy()
         img[m] = GREY
@@ -466,11 +467,10 @@ def sweep_gallery(tokenizers: Sequence[DemoTokenizer], image, gamma: float = 3.0
 # Preparing the default tokenizers
 # =============================================================================================
 def _finished_step(run: Path) -> int:
-    meta = run / "tokenizer" / "tokenizer.json"
-    if not meta.exists():
+    if run_kind(run) != RunKind.TOKENIZER_RUN:
         return -1
     try:
-        return int(json.loads(meta.read_text()).get("step", 0))
+        return int(tokenizer_meta(run).get("step", 0))
     except (ValueError, OSError):
         return -1
 
@@ -482,9 +482,6 @@ def prepare_demo_tokenizers(out_dir="runs/demo", steps: int = 800, presets: Sequ
     A run already exported at ``>= steps`` is kept; an unfinished one resumes. Progress is printed by
     the trainer. Returns the run folders.
     """
-    from ..config import resolve_tokenizer_config
-    from ..engine.tokenizer_trainer import train_tokenizer
-
     if int(steps) < 1:
         raise DemoError(f"steps must be >= 1, got {steps}")
     runs = []
@@ -520,26 +517,17 @@ class DemoGenerator:
 
 
 def _class_names(meta: dict, n: int) -> List[str]:
-    dataset = None
-    tok_dir = Path(str(meta.get("tokenizer", "")))
-    for cand in (tok_dir / "tokenizer.json", tok_dir / "tokenizer" / "tokenizer.json"):
-        if cand.is_file():
-            try:
-                dataset = json.loads(cand.read_text()).get("train_config", {}).get("dataset")
-            except (ValueError, OSError):
-                pass
-            break
+    try:
+        dataset = run_train_config(str(meta.get("tokenizer", ""))).data.dataset
+    except (ValueError, OSError):
+        dataset = None
     if dataset in ("fashion_mnist", "fmnist") and n == 10:
-        from ..data import FASHION_CLASSES
-
         return list(FASHION_CLASSES)
     return [f"class {i}" for i in range(n)]
 
 
 def load_generator(run) -> DemoGenerator:
     """A finished generator run (``load_generator_run``); never raises: errors go to ``.error``."""
-    from ..engine.generator_trainer import load_generator_run
-
     p = Path(run).expanduser()
     hint = "train one with: ldetok train-generator --preset cpu-fmnist --tokenizer runs/main/cpu-fmnist --out RUN"
     if not p.exists():
@@ -558,8 +546,6 @@ def load_generator(run) -> DemoGenerator:
 def sample_grid(g: DemoGenerator, class_index: Optional[int] = None, cfg: float = 1.5, steps: Optional[int] = 50,
                 seed: int = 0, n: int = 16, display: int = 64) -> np.ndarray:
     """``n`` samples of one class (``None``: class-balanced) as a uint8 grid image, tiles at ``display`` px."""
-    from ..sampling import generate_images
-
     if not g.ok:
         raise DemoError(g.error or "no generator loaded")
     try:
@@ -578,14 +564,6 @@ def sample_grid(g: DemoGenerator, class_index: Optional[int] = None, cfg: float 
             raise DemoError(f"class must be in 0 .. {g.gen.num_classes - 1}, got {c}")
         labels = [c] * n
     images, _ = generate_images(g.gen, g.tok, n, guidance_scale=cfg, steps=steps, seed=seed % (2**63), labels=labels)
-    ncol = int(np.ceil(np.sqrt(n)))
-    nrow = int(np.ceil(n / ncol))
-    pad = 2
-    canvas = np.full((nrow * (display + pad) + pad, ncol * (display + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        tile = to_display(_to_uint8(images[i]), display)
-        canvas[pad + r * (display + pad):pad + r * (display + pad) + display,
-               pad + q * (display + pad):pad + q * (display + pad) + display] = tile
-    return canvas
+    tiles = np.stack([to_display(_to_uint8(im), display) for im in images])  # (n, display, display, 3)
+    return image_grid(torch.from_numpy(tiles).permute(0, 3, 1, 2), nrow=int(np.ceil(np.sqrt(n))))
 

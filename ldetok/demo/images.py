@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..data import FASHION_CLASSES, build_dataset, bundled_photos, center_crop_adm, from_uint8, to_uint8
+
 __all__ = ["DemoError", "InputImage", "MAX_INPUT_SIDE", "read_image", "prepare_image", "to_model_input",
            "display_size", "to_display", "bundled_photo", "fashion_mnist_choices", "fashion_mnist_image"]
 
@@ -144,21 +146,19 @@ def prepare_image(image, max_side: int = MAX_INPUT_SIDE, name: str = "input") ->
 
 def to_model_input(pixels: np.ndarray, size: int, channels: int = 3) -> torch.Tensor:
     """uint8 (H, W, 3) -> (1, channels, size, size) float in [-1, 1]: ADM centre crop, then resize."""
-    from ..data import center_crop_adm
-
     a = center_crop_adm(Image.fromarray(pixels), size)
-    x = torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    x = from_uint8(np.array(a, dtype=np.uint8)).permute(2, 0, 1)
     if channels == 1:
         x = x.mean(0, keepdim=True)
     return x.unsqueeze(0)
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(1|C, H, W) or (1, C, H, W) in [-1, 1] -> uint8 (H, W, 3), rounded."""
-    x = x.detach().float().cpu()
+    """(1|C, H, W) or (1, C, H, W) in [-1, 1] -> uint8 (H, W, 3), rounded (``data.to_uint8``)."""
+    x = x.detach().cpu()
     if x.ndim == 4:
         x = x[0]
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = to_uint8(x)
     if x.shape[0] == 1:
         x = x.expand(3, -1, -1)
     return x.permute(1, 2, 0).numpy().copy()
@@ -182,8 +182,6 @@ def to_display(a: np.ndarray, size: int) -> np.ndarray:
 # =============================================================================================
 def bundled_photo(name: str, max_side: int = MAX_INPUT_SIDE) -> InputImage:
     """One of the 11 photos shipped inside scikit-image, scikit-learn and matplotlib."""
-    from ..data import bundled_photos
-
     photos = bundled_photos()
     if name not in photos:
         raise DemoError(f"unknown bundled photo {name!r}; choose one of {', '.join(photos)}")
@@ -192,8 +190,6 @@ def bundled_photo(name: str, max_side: int = MAX_INPUT_SIDE) -> InputImage:
 
 @functools.lru_cache(maxsize=1)
 def _fmnist_test():
-    from ..data import build_dataset
-
     # 32 px, zero-padded from 28 as the Fashion-MNIST tokenizers were trained
     return build_dataset("fashion_mnist", split="test", image_size=32, channels=3)
 
@@ -204,8 +200,6 @@ def fashion_mnist_choices(n: int = 100) -> Tuple[List[str], Optional[str]]:
         ds = _fmnist_test()
     except (FileNotFoundError, ValueError) as e:
         return [], str(e)
-    from ..data import FASHION_CLASSES
-
     return [f"#{i} {FASHION_CLASSES[int(ds.labels[i])]}" for i in range(min(n, len(ds)))], None
 
 

@@ -1,5 +1,6 @@
 """Atomic checkpoints, weights_only loading, RNG state capture and a keep-N checkpoint manager.
 
+Files are written by the run folder's atomic writer (``ldetok.runs``: temp file, fsync, os.replace).
 Everything written here loads with `torch.load(weights_only=True)`: store plain dicts of tensors,
 numbers, strings and lists (config dataclasses as dicts), never pickled objects.
 """
@@ -10,7 +11,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..runs import CHECKPOINT_POINTER, atomic_save, atomic_write_text
+
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
-    "atomic_save",
-    "atomic_write_text",
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
@@ -31,55 +31,6 @@ __all__ = [
 
 class CheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be read (truncated, corrupt, or not weights_only-safe)."""
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible (nor needed) on Windows.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target so os.replace is a rename on one filesystem (atomic), not a copy.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Covers KeyboardInterrupt too: the final name keeps its previous content, the temp file goes.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then os.replace onto `path`."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write a small text file (JSON pointers, configs) atomically."""
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -163,7 +114,7 @@ class CheckpointManager:
     Only the writing rank should call `save`; `latest`/`auto_resume` are safe on every rank.
     """
 
-    POINTER = "latest.json"
+    POINTER = CHECKPOINT_POINTER
 
     def __init__(self, ckpt_dir: str | os.PathLike, keep: int = 2, milestone_every: int = 0):
         if keep < 1:

@@ -20,46 +20,14 @@ import torch.nn as nn
 from ..config import GeneratorTrainConfig
 from ..data import build_dataset
 from ..generators import build_generator
-from ..latents import LatentCache, build_latent_cache, default_cache_dir
-from ..tokenizers import load_tokenizer
+from ..latents import LatentCache, build_latent_cache
+from ..runs import RunLayout, load_tokenizer, run_train_config, save_generator
 from ..viz import save_grid
 from .distributed import barrier
 from .stats import fetch_batch
 from .trainer import Trainer, run_trainer
 
-__all__ = ["GeneratorTrainer", "train_generator", "save_generator", "load_generator_run"]
-
-
-def save_generator(gen, directory, meta: dict) -> Path:
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in gen.state_dict().items()}, str(d / "model.safetensors.tmp"))
-    (d / "model.safetensors.tmp").replace(d / "model.safetensors")
-    info = {"kind": gen.kind, "config": gen.config_dict(), **meta}
-    (d / "generator.json.tmp").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-    (d / "generator.json.tmp").replace(d / "generator.json")
-    return d
-
-
-def load_generator_run(run_dir, device="cpu"):
-    """(generator in eval mode, tokenizer in eval mode, meta) from a finished generator run."""
-    from safetensors.torch import load_file
-
-    from ..generators import build_from_config
-    from ..tokenizers import load_tokenizer
-
-    d = Path(run_dir)
-    gdir = d / "generator" if (d / "generator" / "generator.json").exists() else d
-    meta_path = gdir / "generator.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{run_dir}: no generator/generator.json (is this a finished generator run?)")
-    meta = json.loads(meta_path.read_text())
-    gen = build_from_config(meta["kind"], meta["config"])
-    gen.load_state_dict(load_file(str(gdir / "model.safetensors")), strict=True)
-    tok = load_tokenizer(meta["tokenizer"])
-    return gen.to(device).eval(), tok.to(device).eval(), meta
+__all__ = ["GeneratorTrainer", "train_generator"]
 
 
 class GeneratorTrainer(Trainer):
@@ -70,8 +38,6 @@ class GeneratorTrainer(Trainer):
         self.tokenizer = load_tokenizer(tok_run).to(self.device).eval().requires_grad_(False)
         if not self.tokenizer.has_stats:
             raise ValueError(f"{tok_run}: the tokenizer has no latent statistics (train it to the end first)")
-        from ..eval.tokenizer import run_train_config
-
         tcfg = run_train_config(tok_run)
         self.latent_shape = self.tokenizer.latent_shape(tcfg.model.image_size)
         if cfg.latents == "cache":
@@ -79,7 +45,7 @@ class GeneratorTrainer(Trainer):
                 build_latent_cache(tok_run, split="train", flip=cfg.flip, out_dir=cfg.cache_dir, device=self.device,
                                    verbose=True)
             barrier()
-            self.cache = LatentCache(cfg.cache_dir or default_cache_dir(tok_run, tcfg.data.dataset, "train", cfg.flip))
+            self.cache = LatentCache(cfg.cache_dir or RunLayout(tok_run).latent_cache(tcfg.data.dataset, "train", cfg.flip))
             self.cache.check_tokenizer(self.tokenizer, tok_run)
             n_data, num_classes = len(self.cache), self.cache.num_classes
         else:
@@ -146,7 +112,7 @@ class GeneratorTrainer(Trainer):
             z = gen.sample(n_per_class, labels=labels, guidance_scale=cfg.sample_guidance_scale,
                            steps=cfg.sample_steps, temperature=cfg.sample_temperature, generator=g)
             imgs.append(self.tokenizer.detokenize(z))
-        path = self.run_dir / "images" / f"{name}.png"
+        path = RunLayout(self.run_dir).image(name)
         save_grid(torch.cat(imgs), path, nrow=n_per_class)
         return path
 
@@ -159,12 +125,12 @@ class GeneratorTrainer(Trainer):
         summary = {"step": self.step, "final_loss_smooth": ema_loss}
         if self.dist.is_main:
             gen = self.ema.module(self.model)
-            save_generator(gen, self.run_dir / "generator",
+            save_generator(gen, RunLayout(self.run_dir).generator,
                            {"name": cfg.model, "tokenizer": str(self.tok_run.resolve()), "step": self.step,
                             "ema": True, "latent_shape": list(self.latent_shape), "num_classes": self.num_classes,
                             "final_loss_smooth": ema_loss, "train_config": asdict(cfg)})
             grid = self.sample_grid("samples_final")
-            self.logger.log_line(f"exported the EMA generator to {self.run_dir / 'generator'}; samples: {grid}")
+            self.logger.log_line(f"exported the EMA generator to {RunLayout(self.run_dir).generator}; samples: {grid}")
         barrier()
         self.logger.close()
         return summary

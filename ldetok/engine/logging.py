@@ -7,10 +7,7 @@ Only the main rank writes anything; on other ranks every method is a no-op.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
-import math
 import os
 import re
 import sys
@@ -24,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldetok.engine.checkpoint import atomic_write_text
+from ..runs import RunLayout, atomic_write_text, save_train_config, to_jsonable
+from ..viz import image_grid, save_image
 
 __all__ = ["Progress", "RunLogger", "image_grid", "read_metrics", "to_jsonable"]
 
@@ -32,30 +30,6 @@ _WANDB_WARNED = False
 
 
 # --------------------------------------------------------------------------- serialisation
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, paths, devices, dtypes, tensors, numpy values, enums, tuples -> JSON types."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
-        return [to_jsonable(v) for v in items]
-    if isinstance(obj, enum.Enum):
-        return to_jsonable(obj.value)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (Path, torch.device, torch.dtype)):
-        return str(obj)
-    return repr(obj)
 
 
 def _scalar(v: Any) -> Any:
@@ -69,38 +43,6 @@ def _scalar(v: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- images
-
-
-def image_grid(
-    images: torch.Tensor | np.ndarray,
-    nrow: int = 8,
-    padding: int = 2,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-) -> np.ndarray:
-    """(N,C,H,W) or a ready (C,H,W) grid in `value_range` -> uint8 (H,W,3) array.
-
-    uint8 numpy input (H,W,C) is taken as a finished grid.
-    """
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
-        arr = images if images.ndim == 3 else images[..., None]
-        return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[..., :3]
-    x = torch.as_tensor(images).detach().float().cpu()
-    if x.ndim == 3:
-        x = x.unsqueeze(0)
-    if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
-        raise ValueError(f"Expected images as (N,C,H,W) or (C,H,W) with C in 1/3/4, got {tuple(x.shape)}.")
-    lo, hi = value_range
-    x = ((x - lo) / (hi - lo)).clamp(0, 1)
-    x = x[:, :3] if x.shape[1] == 4 else x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    n, _, h, w = x.shape
-    ncol = min(nrow, n)
-    nrows = math.ceil(n / ncol)
-    grid = torch.ones(3, nrows * (h + padding) + padding, ncol * (w + padding) + padding)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        y0, x0 = padding + r * (h + padding), padding + c * (w + padding)
-        grid[:, y0 : y0 + h, x0 : x0 + w] = x[i]
-    return (grid.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
 def _safe_name(tag: str) -> str:
@@ -122,6 +64,7 @@ class RunLogger:
         config: Any = None,
     ):
         self.run_dir = Path(run_dir)
+        self.layout = RunLayout(self.run_dir)
         self.is_main = bool(is_main)
         self._tb = None
         self._wandb = None
@@ -132,19 +75,18 @@ class RunLogger:
         if config is not None:
             self.save_config(config)
         # Append mode: a resumed run keeps adding to the same history.
-        self._metrics_f = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._metrics_f = open(self.layout.metrics, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import; only when asked
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), flush_secs=30)
+            self._tb = SummaryWriter(log_dir=str(self.layout.tensorboard), flush_secs=30)
         if wandb_project:
             self._wandb = _init_wandb(wandb_project, self.run_dir, config)
 
     def save_config(self, config: Any) -> Path | None:
         if not self.is_main:
             return None
-        text = json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n"
-        return atomic_write_text(text, self.run_dir / "config.json")
+        return save_train_config(self.run_dir, config)
 
     def log(self, step: int, values: Mapping[str, Any] | None = None, **kw: Any) -> None:
         """Append {"step", "time", **values} to metrics.jsonl; numeric values also go to TB/wandb."""
@@ -176,12 +118,8 @@ class RunLogger:
         """Save a grid as run_dir/images/{tag}_{step:09d}.png (and to TB/wandb); returns the PNG path."""
         if not self.is_main:
             return None
-        from PIL import Image
-
         grid = image_grid(images, nrow=nrow, value_range=value_range)
-        out = self.run_dir / "images" / f"{_safe_name(tag)}_{int(step):09d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(out)
+        out = save_image(grid, self.layout.image(f"{_safe_name(tag)}_{int(step):09d}"))
         if self._tb is not None:
             self._tb.add_image(tag, grid, int(step), dataformats="HWC")
         if self._wandb is not None:
@@ -196,7 +134,7 @@ class RunLogger:
             return
         print(msg, flush=True)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.run_dir / "log.txt", "a", encoding="utf-8") as f:
+        with open(self.layout.log, "a", encoding="utf-8") as f:
             f.write(f"[{stamp}] {msg}\n")
 
     def close(self) -> None:
@@ -231,9 +169,9 @@ def _init_wandb(project: str, run_dir: Path, config: Any):
             _WANDB_WARNED = True
         return None
     # Persist the run id so a resumed run continues the same wandb run.
-    id_file = run_dir / "wandb_run_id.txt"
+    id_file = RunLayout(run_dir).wandb_id
     run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-    id_file.write_text(run_id + "\n")
+    atomic_write_text(run_id + "\n", id_file)
     return wandb.init(
         project=project,
         id=run_id,
@@ -245,7 +183,7 @@ def _init_wandb(project: str, run_dir: Path, config: Any):
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of run_dir/metrics.jsonl; a line cut short by a kill is skipped with a warning."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     if not path.exists():
         return []
     out = []

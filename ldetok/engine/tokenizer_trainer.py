@@ -23,7 +23,8 @@ from ..config import TokenizerTrainConfig
 from ..corruption import DenoisingPass
 from ..data import build_dataset
 from ..losses import LossConfig, TokenizerLoss
-from ..tokenizers import Tokenizer, build_sized, load_official_detok, load_tokenizer, save_tokenizer
+from ..runs import RunLayout, load_tokenizer, run_corruption, save_tokenizer
+from ..tokenizers import Tokenizer, build_sized, load_official_detok
 from .distributed import barrier, unwrap_model
 from .logging import image_grid
 from .optim import build_adamw, param_groups
@@ -52,6 +53,11 @@ class TokenizerTrainer(Trainer):
         self.train_set = build_dataset(cfg.data.dataset, split="train", **kw)
         self.eval_set = build_dataset(cfg.data.dataset, split=cfg.data.eval_split, **kw)
         self.corruption = cfg.train_corruption()
+        # what the exported tokenizer's latents were trained with: the run's own settings, or for a decoder
+        # fine-tuning those of the run whose encoder it freezes (a released .pth carries none: the config's)
+        self.encoder_corruption = cfg.corruption
+        if cfg.stage == "decoder_ft" and Path(cfg.init_from).suffix not in (".pth", ".pt"):
+            self.encoder_corruption = run_corruption(cfg.init_from)
         return len(self.train_set)
 
     def build_model(self) -> nn.Module:
@@ -166,11 +172,11 @@ class TokenizerTrainer(Trainer):
         mean, std = collect_latent_stats(tok, self.train_set, self.cfg.stats_images, device=self.device)
         summary = {"step": self.step, "latent_mean": mean.tolist(), "latent_std": std.tolist()}
         if self.dist.is_main:
-            save_tokenizer(tok, self.run_dir / "tokenizer",
+            save_tokenizer(tok, RunLayout(self.run_dir).tokenizer,
                            extra={"step": self.step, "ema": True, "stats_images": self.cfg.stats_images,
-                                  "train_config": asdict(self.cfg), "corruption": self.cfg.corruption.to_dict()})
+                                  "train_config": asdict(self.cfg), "corruption": self.encoder_corruption.to_dict()})
             self.log_images()
-            self.logger.log_line(f"exported the EMA tokenizer with latent statistics to {self.run_dir / 'tokenizer'}")
+            self.logger.log_line(f"exported the EMA tokenizer with latent statistics to {RunLayout(self.run_dir).tokenizer}")
         barrier()
         self.logger.close()
         return summary

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..runs import RunLayout
 from .checkpoint import CheckpointManager
 from .common import autocast_ctx, ema_decay_at, gather_rng_states, load_resume_state
 from .distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed, unwrap_model
@@ -88,7 +89,7 @@ class Trainer:
         # the training RNG: one stream per rank, saved in checkpoints
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1000 + d.rank)
         self.step = 0
-        self.ckpts = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_ckpts, cfg.run.milestone_every)
+        self.ckpts = CheckpointManager(RunLayout(self.run_dir).checkpoints, cfg.run.keep_ckpts, cfg.run.milestone_every)
 
     # ---- subclass hooks -----------------------------------------------------------------------
     def build(self) -> int:  # pragma: no cover - abstract

@@ -531,8 +531,7 @@ def evaluate_generator_run(run_dir, n: int = 1000, guidance_scale: float = 1.0,
     of the run's tokenizer. Writes ``run_dir/eval/gen_n{N}_cfg{C}.json`` and returns what it wrote.
     """
     from ..engine.distributed import resolve_device
-    from ..engine.generator_trainer import load_generator_run
-    from .tokenizer import run_train_config
+    from ..runs import load_generator_run, run_train_config
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)

@@ -12,46 +12,9 @@ from typing import Optional, Sequence
 
 from ..corruption import CorruptionConfig
 
-__all__ = ["evaluate_tokenizer_run", "lpips_or_reason", "run_train_config", "run_corruption"]
+from ..runs import load_tokenizer, run_corruption, run_train_config
 
-
-def run_train_config(run_dir):
-    """The training config of a tokenizer run, typed (``TokenizerTrainConfig``), from the exported tokenizer,
-    else the run's config.json."""
-    from ..config import TokenizerTrainConfig, config_from_dict
-
-    d = Path(run_dir)
-    for meta in (d / "tokenizer" / "tokenizer.json", d / "tokenizer.json"):
-        if meta.exists():
-            cfg = json.loads(meta.read_text()).get("train_config")
-            if cfg:
-                return config_from_dict(TokenizerTrainConfig, cfg)
-    if (d / "config.json").exists():
-        return config_from_dict(TokenizerTrainConfig, json.loads((d / "config.json").read_text()))
-    raise FileNotFoundError(f"{d}: no tokenizer/tokenizer.json or config.json (is this a tokenizer run folder?)")
-
-
-def run_corruption(run_dir):
-    """The corruption settings a tokenizer run (or its export) was trained with (``CorruptionConfig``).
-
-    Read from the export's record, else the saved training config; exports written before corruption had
-    its own config kept the settings in the model config, and those are read too.
-    """
-    from ..config import TokenizerTrainConfig, config_from_dict
-    from ..corruption import CorruptionConfig
-    from ..tokenizers import LEGACY_CORRUPTION_KEYS
-
-    d = Path(run_dir)
-    for meta_path in (d / "tokenizer" / "tokenizer.json", d / "tokenizer.json"):
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("corruption"):
-                return CorruptionConfig.from_dict(meta["corruption"])
-            if meta.get("train_config"):
-                return config_from_dict(TokenizerTrainConfig, meta["train_config"]).corruption
-            legacy = {k: v for k, v in meta.get("config", {}).items() if k in LEGACY_CORRUPTION_KEYS}
-            return CorruptionConfig.from_dict(legacy)
-    return run_train_config(d).corruption
+__all__ = ["evaluate_tokenizer_run", "lpips_or_reason"]
 
 
 def lpips_or_reason(device):
@@ -82,7 +45,6 @@ def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] 
     3, for a run trained without noise, whose own γ of 0 would measure nothing)."""
     from ..data import build_dataset
     from ..engine.distributed import resolve_device
-    from ..tokenizers import load_tokenizer
     from .recon import evaluate_reconstruction
 
     dev = resolve_device(device)

@@ -5,14 +5,14 @@
   any architecture field (image_size, patch_size, latent_channels, ...); ``build_sized`` takes the one
   set of size fields every kind understands (what a training config's ``model`` holds). Corruption is
   not a tokenizer field: see ``ldetok.corruption``.
-- ``save_tokenizer(tok, dir)`` / ``load_tokenizer(dir)``: safetensors weights + a JSON config.
+- saving and loading our own tokenizers (safetensors weights + a JSON config) is the run folder's
+  job: ``ldetok.runs.save_tokenizer`` / ``ldetok.runs.load_tokenizer``.
 - ``load_official_detok(path, model="detok_BB", ema=True)`` / ``load_official_marvae(path)``: the
   released checkpoints, strict keys, ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -33,8 +33,6 @@ __all__ = [
     "build_sized",
     "can_mask",
     "build_from_config",
-    "save_tokenizer",
-    "load_tokenizer",
     "load_official_detok",
     "load_official_marvae",
     "OfficialCheckpointError",
@@ -114,44 +112,6 @@ def build_from_config(kind: str, config: dict) -> Tokenizer:
 
         return ConvVAE(**config)
     raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'detok' or 'convvae')")
-
-
-# ---------------------------------------------------------------------------------------------
-# Our own checkpoints
-# ---------------------------------------------------------------------------------------------
-def save_tokenizer(tok: Tokenizer, directory, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``tokenizer.json`` (kind, config, stats flag) into ``directory``."""
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in tok.state_dict().items()}
-    tmp = d / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(d / "model.safetensors")
-    meta = {"kind": tok.kind, "config": tok.config_dict(), "has_stats": tok.has_stats, **(extra or {})}
-    tmpj = d / "tokenizer.json.tmp"
-    tmpj.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tmpj.replace(d / "tokenizer.json")
-    return d
-
-
-def load_tokenizer(directory, map_location="cpu") -> Tokenizer:
-    """Load what ``save_tokenizer`` wrote (strict keys). ``directory`` may also be a run folder holding
-    ``tokenizer/`` (the trainer exports the EMA weights there)."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    if not (d / "tokenizer.json").exists() and (d / "tokenizer" / "tokenizer.json").exists():
-        d = d / "tokenizer"
-    meta_path = d / "tokenizer.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"no tokenizer at {directory}: expected {meta_path} (written by save_tokenizer)")
-    meta = json.loads(meta_path.read_text())
-    tok = build_from_config(meta["kind"], meta["config"])
-    state = load_file(str(d / "model.safetensors"), device=str(map_location))
-    tok.load_state_dict(state, strict=True)
-    return tok.eval()
 
 
 # ---------------------------------------------------------------------------------------------

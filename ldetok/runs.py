@@ -1,0 +1,418 @@
+"""The run folder: its layout, what a folder is, the saved train config, exports, and atomic writes.
+
+A training run writes one folder::
+
+    RUN/
+      config.json           the train config, written when the run starts (``save_train_config``)
+      metrics.jsonl         one JSON record per logged step (``engine.logging.RunLogger``)
+      log.txt               timestamped log lines
+      tb/                   TensorBoard events (optional)
+      wandb_run_id.txt      the wandb run a resume continues (optional)
+      checkpoints/          ckpt_{step:09d}.pt and latest.json (``engine.checkpoint.CheckpointManager``)
+      images/               PNG grids written during training
+      samples/              samples drawn from a finished generator (``ldetok sample``)
+      eval/                 evaluation results
+      tokenizer/            a finished tokenizer run's export: model.safetensors + tokenizer.json
+      generator/            a finished generator run's export: model.safetensors + generator.json
+      latents/<dataset>_<split>[_flip]/   the default latent cache of a tokenizer run
+
+``tokenizer.json`` holds the tokenizer's kind and architecture config, whether it has latent
+statistics, and (from the trainer) the step and the run's train config; ``generator.json`` the
+generator's kind and config, the tokenizer run it was trained on, the step and the train config.
+
+Every file here is written through one atomic writer (a temp file in the same folder, fsync,
+``os.replace``): a killed process leaves the previous file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from .config import GeneratorTrainConfig, TokenizerTrainConfig, config_from_dict
+from .corruption import CorruptionConfig
+from .generators import build_from_config as build_generator_from_config
+from .tokenizers import LEGACY_CORRUPTION_KEYS, Tokenizer
+from .tokenizers import build_from_config as build_tokenizer_from_config
+
+__all__ = [
+    "CONFIG", "METRICS", "LOG", "WEIGHTS", "TOKENIZER_META", "GENERATOR_META", "CHECKPOINT_POINTER",
+    "RunLayout", "RunKind", "RunFolderError", "run_kind", "describe",
+    "tokenizer_dir", "generator_dir", "tokenizer_meta", "generator_meta",
+    "save_train_config", "run_train_config", "run_corruption",
+    "save_tokenizer", "load_tokenizer", "save_generator", "load_generator_run",
+    "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save", "to_jsonable",
+]
+
+# ---------------------------------------------------------------------------------------------
+# File names
+# ---------------------------------------------------------------------------------------------
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+LOG = "log.txt"
+WEIGHTS = "model.safetensors"
+TOKENIZER_META = "tokenizer.json"
+GENERATOR_META = "generator.json"
+CHECKPOINT_POINTER = "latest.json"
+
+
+class RunLayout:
+    """Every path of a run folder rooted at ``root`` (nothing is created or checked)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunLayout({str(self.root)!r})"
+
+    config = property(lambda self: self.root / CONFIG)
+    metrics = property(lambda self: self.root / METRICS)
+    log = property(lambda self: self.root / LOG)
+    tensorboard = property(lambda self: self.root / "tb")
+    wandb_id = property(lambda self: self.root / "wandb_run_id.txt")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    checkpoint_pointer = property(lambda self: self.root / "checkpoints" / CHECKPOINT_POINTER)
+    images = property(lambda self: self.root / "images")
+    samples = property(lambda self: self.root / "samples")
+    eval = property(lambda self: self.root / "eval")
+    tokenizer = property(lambda self: self.root / "tokenizer")
+    generator = property(lambda self: self.root / "generator")
+    latents = property(lambda self: self.root / "latents")
+
+    def image(self, name: str) -> Path:
+        """``images/<name>.png``."""
+        return self.images / f"{name}.png"
+
+    def latent_cache(self, dataset: str, split: str, flip: bool = False) -> Path:
+        """The default latent-cache folder of a tokenizer run for ``dataset``/``split``."""
+        return self.latents / f"{dataset}_{split}{'_flip' if flip else ''}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable on POSIX; not possible (nor needed) on Windows.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write: Callable[[io.BufferedWriter], Any]) -> Path:
+    """Call ``write(f)`` on a temp file next to ``path`` (``.<name>.<random>.tmp``), fsync it, then
+    ``os.replace`` it onto ``path``. On any error (KeyboardInterrupt too) the temp file is removed and
+    ``path`` keeps its previous content. Creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target so os.replace is a rename on one filesystem (atomic), not a copy.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(data: bytes, path) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(text: str, path) -> Path:
+    """Write a text file (UTF-8) atomically."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(obj: Any, path, indent: Optional[int] = 2, sort_keys: bool = False) -> Path:
+    """``obj`` (through ``to_jsonable``) as JSON with a final newline, atomically."""
+    return atomic_write_text(json.dumps(to_jsonable(obj), indent=indent, sort_keys=sort_keys) + "\n", path)
+
+
+def atomic_save(obj: Any, path) -> Path:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace`` onto ``path``."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _atomic_save_safetensors(state: dict, path) -> Path:
+    return atomic_write_bytes(safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()}), path)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, paths, devices, dtypes, tensors, numpy values, enums, tuples -> JSON types."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [to_jsonable(v) for v in items]
+    if isinstance(obj, enum.Enum):
+        return to_jsonable(obj.value)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (Path, torch.device, torch.dtype)):
+        return str(obj)
+    return repr(obj)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# What a folder is
+# ---------------------------------------------------------------------------------------------
+class RunKind(str, enum.Enum):
+    MISSING = "missing"
+    FILE = "a file"
+    EMPTY = "an empty folder"
+    TOKENIZER_EXPORT = "an exported tokenizer"
+    GENERATOR_EXPORT = "an exported generator"
+    TOKENIZER_RUN = "a finished tokenizer run"
+    GENERATOR_RUN = "a finished generator run"
+    UNFINISHED_TOKENIZER_RUN = "an unfinished tokenizer run"
+    UNFINISHED_GENERATOR_RUN = "an unfinished generator run"
+    UNFINISHED_RUN = "an unfinished run"
+    OTHER = "not a run folder"
+
+
+class RunFolderError(FileNotFoundError):
+    """A path is not the kind of run folder (or export) that was asked for; the message says what it is."""
+
+
+def run_kind(path) -> RunKind:
+    """What ``path`` holds: an export, a finished or unfinished run, an empty folder, nothing, ..."""
+    p = Path(path)
+    if not p.exists():
+        return RunKind.MISSING
+    if not p.is_dir():
+        return RunKind.FILE
+    if (p / TOKENIZER_META).is_file():
+        return RunKind.TOKENIZER_EXPORT
+    if (p / GENERATOR_META).is_file():
+        return RunKind.GENERATOR_EXPORT
+    lay = RunLayout(p)
+    if (lay.tokenizer / TOKENIZER_META).is_file():
+        return RunKind.TOKENIZER_RUN
+    if (lay.generator / GENERATOR_META).is_file():
+        return RunKind.GENERATOR_RUN
+    if lay.config.is_file():
+        try:
+            cfg = _read_json(lay.config)
+        except (ValueError, OSError):
+            return RunKind.UNFINISHED_RUN
+        # a generator's train config names the tokenizer run it trains on; a tokenizer's does not
+        return RunKind.UNFINISHED_GENERATOR_RUN if "tokenizer" in cfg else RunKind.UNFINISHED_TOKENIZER_RUN
+    if lay.checkpoints.is_dir() or lay.metrics.is_file():
+        return RunKind.UNFINISHED_RUN
+    return RunKind.EMPTY if not any(p.iterdir()) else RunKind.OTHER
+
+
+def _last_step(p: Path) -> Optional[int]:
+    ptr = RunLayout(p).checkpoint_pointer
+    try:
+        return int(_read_json(ptr)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def describe(path) -> str:
+    """What ``path`` is, in words for an error message (without the path itself): "an empty folder",
+    "an unfinished tokenizer run (checkpoints up to step 200; ...)", ..."""
+    p = Path(path)
+    kind = run_kind(p)
+    if kind == RunKind.MISSING:
+        return "no such file or folder"
+    text = kind.value
+    if kind in (RunKind.UNFINISHED_TOKENIZER_RUN, RunKind.UNFINISHED_GENERATOR_RUN, RunKind.UNFINISHED_RUN):
+        step = _last_step(p)
+        text += (f" (checkpoints up to step {step}" if step is not None else " (no checkpoint yet") + \
+            "; the trainer writes the export when the run ends: resume it to finish)"
+    elif kind == RunKind.OTHER:
+        text += f" (no {CONFIG}, checkpoints/, {TOKENIZER_META} or {GENERATOR_META})"
+    return text
+
+
+def tokenizer_dir(path) -> Path:
+    """The exported tokenizer folder of ``path`` (a tokenizer run or an export); a precise
+    ``RunFolderError`` otherwise."""
+    p = Path(path)
+    kind = run_kind(p)
+    if kind == RunKind.TOKENIZER_EXPORT:
+        return p
+    if kind == RunKind.TOKENIZER_RUN:
+        return RunLayout(p).tokenizer
+    raise RunFolderError(f"{p}: {describe(p)}; expected a finished tokenizer run (holding tokenizer/{TOKENIZER_META}) "
+                         f"or an exported tokenizer folder ({TOKENIZER_META} + {WEIGHTS})")
+
+
+def generator_dir(path) -> Path:
+    """The exported generator folder of ``path`` (a generator run or an export)."""
+    p = Path(path)
+    kind = run_kind(p)
+    if kind == RunKind.GENERATOR_EXPORT:
+        return p
+    if kind == RunKind.GENERATOR_RUN:
+        return RunLayout(p).generator
+    raise RunFolderError(f"{p}: {describe(p)}; expected a finished generator run (holding generator/{GENERATOR_META}) "
+                         f"or an exported generator folder ({GENERATOR_META} + {WEIGHTS})")
+
+
+def tokenizer_meta(path) -> dict:
+    """The ``tokenizer.json`` of a tokenizer run or export."""
+    return _read_json(tokenizer_dir(path) / TOKENIZER_META)
+
+
+def generator_meta(path) -> dict:
+    """The ``generator.json`` of a generator run or export."""
+    return _read_json(generator_dir(path) / GENERATOR_META)
+
+
+# ---------------------------------------------------------------------------------------------
+# The train config
+# ---------------------------------------------------------------------------------------------
+def save_train_config(run_dir, config) -> Path:
+    """Write the run's train config (a dataclass or a dict) to ``config.json`` when the run starts."""
+    return atomic_write_json(config, RunLayout(run_dir).config, sort_keys=True)
+
+
+def _saved_train_config(p: Path) -> Tuple[dict, Optional[type]]:
+    """(saved dict, its config class when the folder says which)."""
+    kind = run_kind(p)
+    if kind in (RunKind.TOKENIZER_EXPORT, RunKind.TOKENIZER_RUN):
+        cfg = tokenizer_meta(p).get("train_config")
+        if cfg:
+            return cfg, TokenizerTrainConfig
+    elif kind in (RunKind.GENERATOR_EXPORT, RunKind.GENERATOR_RUN):
+        cfg = generator_meta(p).get("train_config")
+        if cfg:
+            return cfg, GeneratorTrainConfig
+    lay = RunLayout(p)
+    if lay.config.is_file():
+        cls = GeneratorTrainConfig if kind in (RunKind.GENERATOR_RUN, RunKind.UNFINISHED_GENERATOR_RUN) else None
+        return _read_json(lay.config), cls
+    raise RunFolderError(f"{p}: {describe(p)}; no train config there (expected tokenizer/{TOKENIZER_META}, "
+                         f"generator/{GENERATOR_META} or {CONFIG})")
+
+
+def run_train_config(path):
+    """The train config of a run, typed (``TokenizerTrainConfig`` or ``GeneratorTrainConfig``): from its
+    export (``tokenizer/tokenizer.json`` or ``generator/generator.json``, or those files in an export
+    folder), else the run's ``config.json``. ``path`` may be a tokenizer run, an exported tokenizer
+    folder, or a generator run. Configs saved flat (before sub-configs) are read too."""
+    p = Path(path)
+    saved, cls = _saved_train_config(p)
+    if cls is None:  # a bare config.json: a generator config names its tokenizer
+        cls = GeneratorTrainConfig if "tokenizer" in saved and "latents" in saved else TokenizerTrainConfig
+    return config_from_dict(cls, saved)
+
+
+def run_corruption(path) -> CorruptionConfig:
+    """The corruption settings a tokenizer run (or its export) was trained with.
+
+    Read from the export's record (for a decoder fine-tuning: what its frozen encoder was trained with),
+    else the saved train config; exports written before corruption had its own config kept the
+    settings in the model config, and those are read too.
+    """
+    p = Path(path)
+    if run_kind(p) in (RunKind.TOKENIZER_EXPORT, RunKind.TOKENIZER_RUN):
+        meta = tokenizer_meta(p)
+        if meta.get("corruption"):
+            return CorruptionConfig.from_dict(meta["corruption"])
+        if not meta.get("train_config"):
+            legacy = {k: v for k, v in meta.get("config", {}).items() if k in LEGACY_CORRUPTION_KEYS}
+            return CorruptionConfig.from_dict(legacy)
+    cfg = run_train_config(p)
+    if not isinstance(cfg, TokenizerTrainConfig):
+        raise RunFolderError(f"{p}: {describe(p)}, not a tokenizer run: it has no corruption settings")
+    return cfg.corruption
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------
+def save_tokenizer(tok: Tokenizer, directory, extra: Optional[dict] = None) -> Path:
+    """Write ``model.safetensors`` and ``tokenizer.json`` (kind, config, stats flag, ``extra``) into
+    ``directory`` (a run's ``tokenizer/`` or a folder of its own)."""
+    d = Path(directory)
+    _atomic_save_safetensors(tok.state_dict(), d / WEIGHTS)
+    meta = {"kind": tok.kind, "config": tok.config_dict(), "has_stats": tok.has_stats, **(extra or {})}
+    atomic_write_json(meta, d / TOKENIZER_META, sort_keys=True)
+    return d
+
+
+def _load_weights(d: Path, map_location="cpu") -> dict:
+    if not (d / WEIGHTS).is_file():
+        raise RunFolderError(f"{d}: {d / WEIGHTS} is missing (the export is incomplete)")
+    return load_file(str(d / WEIGHTS), device=str(map_location))
+
+
+def load_tokenizer(path, map_location="cpu") -> Tokenizer:
+    """Load what ``save_tokenizer`` wrote (strict keys), in eval mode. ``path`` is an exported tokenizer
+    folder or a finished tokenizer run (the trainer exports the EMA weights to its ``tokenizer/``)."""
+    d = tokenizer_dir(path)
+    meta = _read_json(d / TOKENIZER_META)
+    tok = build_tokenizer_from_config(meta["kind"], meta["config"])
+    tok.load_state_dict(_load_weights(d, map_location), strict=True)
+    return tok.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators
+# ---------------------------------------------------------------------------------------------
+def save_generator(gen, directory, meta: dict) -> Path:
+    """Write ``model.safetensors`` and ``generator.json`` (kind, config, ``meta``: name, tokenizer run,
+    step, train config, ...) into ``directory``."""
+    d = Path(directory)
+    _atomic_save_safetensors(gen.state_dict(), d / WEIGHTS)
+    atomic_write_json({"kind": gen.kind, "config": gen.config_dict(), **meta}, d / GENERATOR_META, sort_keys=True)
+    return d
+
+
+def load_generator_run(path, device="cpu"):
+    """(generator in eval mode, its tokenizer in eval mode, the generator's meta) from a finished
+    generator run or an exported generator folder."""
+    d = generator_dir(path)
+    meta = _read_json(d / GENERATOR_META)
+    gen = build_generator_from_config(meta["kind"], meta["config"])
+    gen.load_state_dict(_load_weights(d), strict=True)
+    if not meta.get("tokenizer"):
+        raise RunFolderError(f"{d / GENERATOR_META}: names no tokenizer run")
+    tok = load_tokenizer(meta["tokenizer"])
+    return gen.to(device).eval(), tok.to(device).eval(), meta
