@@ -33,6 +33,7 @@ __all__ = [
     "interpolative_noise",
     "additive_noise",
     "apply_noise",
+    "image_noise",
     "sample_mask_ratio",
     "random_masking",
     "kept_indices",
@@ -147,6 +148,13 @@ def apply_noise(z, t, gamma, kind: str = "interpolative", generator=None, noise=
     if kind not in NOISE:
         raise ValueError(f"unknown noise type {kind!r}; expected one of {tuple(NOISE)}")
     return NOISE[kind](z, t, gamma, generator, noise)
+
+
+def image_noise(shape, seed: int, indices) -> torch.Tensor:
+    """One ε of ``shape`` per image, drawn from a generator seeded by (``seed``, image index): image
+    ``i`` of an evaluation set gets the same ε whatever batch it is in and whichever rank renders it."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)))
+                        for i in indices])
 
 
 # ---------------------------------------------------------------------------------------------

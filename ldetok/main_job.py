@@ -16,7 +16,10 @@ from typing import Dict, List
 
 import torch
 
-from .reproduce import LABELS, headline_table
+from .data import build_dataset
+from .reproduce import LABELS, REPRODUCE_PRESETS, headline_table, reproduce
+from .runs import load_tokenizer, run_corruption, run_train_config
+from .viz import plot_corruption_sweeps, save_grid
 
 __all__ = ["run_main_job", "headline_table"]
 
@@ -34,10 +37,6 @@ def _link(target: Path, link: Path) -> None:
 
 
 def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: str = "auto") -> List[dict]:
-    from .reproduce import REPRODUCE_PRESETS, reproduce
-    from .data import build_dataset
-    from .runs import load_tokenizer, run_corruption, run_train_config
-    from .viz import plot_corruption_sweeps, save_grid
 
     out, figures = Path(out), Path(figures_dir)
     t0 = time.time()

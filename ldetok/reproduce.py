@@ -32,6 +32,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .config import resolve_generator_config, resolve_tokenizer_config
+from .data import build_dataset
+from .engine.distributed import barrier, broadcast_object, cleanup, gather_objects, init_distributed, is_distributed
+from .engine.generator_trainer import train_generator
+from .engine.stats import fetch_batch
+from .engine.tokenizer_trainer import train_tokenizer
+from .eval import fd_from_features, guidance_sweep, kid_from_features, psnr, psnr_under_noise, ssim
+from .eval.classifier import ClassifierFeatures
+from .eval.fid import InceptionFeatures
+from .runs import load_generator_run, load_tokenizer, run_train_config
+from .sampling import generate_images
+from .viz import save_grid
+
 __all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce", "headline_table", "parse_budgets"]
 
 PAPER_VARIANTS = {"ae": "γ=0, M=0", "mask": "masking only (M=0.7)", "noise": "noise only (γ=3)",
@@ -171,8 +184,6 @@ class _Progress:
 def _extractors(names, device, warm: bool = False):
     """The feature extractors by name; ``warm`` loads their weights now (training the classifier or
     converting the Inception weights on first use, into the shared caches)."""
-    from .eval.classifier import ClassifierFeatures
-    from .eval.fid import InceptionFeatures
 
     out = {}
     for name in names:
@@ -218,8 +229,6 @@ def _local_features(exts, images: torch.Tensor, idx: Sequence[int], n_space) -> 
 
 def _gather(local: Dict[str, tuple]) -> Dict[str, np.ndarray]:
     """Every rank's (indices, values) per key, joined in index order (one process: the values as given)."""
-    from .engine.distributed import gather_objects
-
     parts = gather_objects(local)
     out = {}
     for k in local:
@@ -255,19 +264,16 @@ class _Run:
         return self.P.n_inception if k == "inception" else None
 
     def save(self, path: Path, obj) -> None:
-        from .engine.distributed import barrier
 
         if self.main:
             _save(path, obj)
         barrier()
 
     def done(self, path: Path) -> Optional[dict]:  # rank 0 decides, so every rank takes the same branch
-        from .engine.distributed import broadcast_object
 
         return broadcast_object(_done(path) if self.main else None)
 
     def finished(self, meta: Path, steps: int) -> bool:
-        from .engine.distributed import broadcast_object
 
         ok = meta.exists() and (not steps or json.loads(meta.read_text())["step"] == steps) if self.main else None
         return bool(broadcast_object(ok))
@@ -284,8 +290,6 @@ class _Run:
 def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> Tuple[Path, str]:
     """Train (or find) variant ``v``'s tokenizer, then its decoder fine-tuning when asked; returns the
     folder and tag of the tokenizer the generators use."""
-    from .config import resolve_tokenizer_config
-    from .engine.tokenizer_trainer import train_tokenizer
 
     P = R.P
     tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
@@ -312,12 +316,6 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, seed: int, gen_evals: Dict[st
     """The reconstruction ceiling and robustness of one tokenizer: ``(rec, recon_feats, n)``, the
     metrics (from disk when done), the reconstructions' features per space (only when a generator
     evaluation still needs them) and the number of evaluation images."""
-    from .data import build_dataset
-    from .engine.distributed import barrier, broadcast_object
-    from .engine.stats import fetch_batch
-    from .eval import fd_from_features, psnr, psnr_under_noise, ssim
-    from .eval.tokenizer import run_train_config
-    from .tokenizers import load_tokenizer
 
     P, D = R.P, R.D
     t = R.prog.stage(f"reconstruction metrics {tag}")
@@ -362,9 +360,6 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, seed: int, gen_evals: Dict[st
 
 def _generator_stage(R: _Run, fam: str, tag: str, tok_dir: Path, seed: int, gen_steps: int) -> Path:
     """Train (or find) generator family ``fam`` on the tokenizer in ``tok_dir``; returns its folder."""
-    from .config import resolve_generator_config
-    from .engine.generator_trainer import train_generator
-
     P = R.P
     gdir = R.out / "generators" / f"{fam}_{tag}_g{gen_steps}"
     # the preset's sample_steps replaces a --gen sample_steps=... override (kept as it always was)
@@ -382,7 +377,6 @@ def _generator_stage(R: _Run, fam: str, tag: str, tok_dir: Path, seed: int, gen_
 def _search_guidance(R: _Run, gen, gtok, seed: int, n: int) -> Tuple[float, Dict[str, float]]:
     """``guidance_sweep`` over the preset's scales: FD of n_search samples (Inception when measured,
     else the first space) to the real images, on other seeds than the final samples'."""
-    from .eval import fd_from_features, guidance_sweep
 
     P = R.P
     space = "inception" if "inception" in R.exts else next(iter(R.exts))
@@ -402,10 +396,6 @@ def _evaluation_stage(R: _Run, gdir: Path, seed: int, n: int, recon_feats: Dict[
     """Sample ``n`` class-balanced images (this rank: images rank, rank + world, ...; seeded seed + 1000
     rank) at the preset's (or the searched) guidance scale; FD and KID against the real images and FD
     against the reconstructions in every space, and a grid of the first 80."""
-    from .engine.generator_trainer import load_generator_run
-    from .eval import fd_from_features, kid_from_features
-    from .sampling import generate_images
-    from .viz import save_grid
 
     P, D = R.P, R.D
     gen, gtok, gm = load_generator_run(gdir, R.dev)
@@ -465,7 +455,6 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     and evaluates its share of the images (image i on rank i mod world size; sample chunks seeded by
     seed and rank), rank 0 decides which stages are done and writes every file. ``guidance_scales``
     (with ``n_search``) replaces the preset's guidance-scale search."""
-    from .engine.distributed import cleanup, init_distributed, is_distributed
 
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown reproduce preset {preset!r}; available: {', '.join(REPRODUCE_PRESETS)}")

@@ -10,6 +10,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .engine.distributed import resolve_device
+from .runs import load_generator_run
+from .viz import save_grid
+
 __all__ = ["generate_images", "sample_run", "to_uint8"]
 
 
@@ -46,9 +50,6 @@ def sample_run(run_dir, n: int = 64, guidance_scale: float = 1.0, steps: Optiona
                labels: Optional[Sequence[int]] = None) -> Path:
     from PIL import Image
 
-    from .engine.distributed import resolve_device
-    from .runs import load_generator_run
-    from .viz import save_grid
 
     dev = resolve_device(device)
     gen, tok, meta = load_generator_run(run_dir, dev)

@@ -17,7 +17,6 @@ from torchvision.utils import make_grid
 
 from . import corruption as C
 from .data import to_uint8
-from .eval.recon import image_noise
 
 __all__ = ["to_numpy_image", "image_grid", "save_image", "save_grid", "corruption_sweeps", "plot_corruption_sweeps"]
 
@@ -73,7 +72,7 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8) -> Path:
 def corruption_sweeps(tokenizer, x: torch.Tensor, levels: Sequence[float], ratios: Sequence[float],
                       gamma: float = 3.0, noise_type: str = "interpolative", seed: int = 18):
     """Decode ``x``'s latents corrupted at each noise level (one ε per image, shared by the levels and
-    drawn as ``ldetok.eval.image_noise`` draws it for image ``i`` of ``x``) and at each mask ratio
+    drawn as ``ldetok.corruption.image_noise`` draws it for image ``i`` of ``x``) and at each mask ratio
     (masking in the encoder, mask tokens in the decoder, through the denoising pass). ``gamma`` and
     ``noise_type`` are the tokenizer run's own (``ldetok.eval.tokenizer.run_corruption``).
 
@@ -81,7 +80,7 @@ def corruption_sweeps(tokenizer, x: torch.Tensor, levels: Sequence[float], ratio
     """
     tokenizer.eval()
     z = tokenizer.encode(x)
-    eps = image_noise(z.shape[1:], seed, range(x.shape[0])).to(z)
+    eps = C.image_noise(z.shape[1:], seed, range(x.shape[0])).to(z)
     noise = torch.stack([tokenizer.decode(C.apply_noise(z, t, gamma, noise_type, noise=eps)).clamp(-1, 1)
                          for t in levels])
     masks = []

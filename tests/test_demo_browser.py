@@ -55,6 +55,7 @@ def _free_port() -> int:
 
 
 def _tokenizer_sets(tmp_path):
+    from ldetok.corruption import CorruptionConfig
     from ldetok.demo import core
     from ldetok.demo.app import resolve_tokenizer_sets
     from ldetok.runs import save_tokenizer
@@ -65,9 +66,11 @@ def _tokenizer_sets(tmp_path):
         return sets
     specs = []
     for name, gamma, ratio in (("l-DeTok (tiny, untrained)", 3.0, 0.7), ("AE (tiny, untrained)", 0.0, 0.0)):
-        tok = build("detok_MM", gamma=gamma, max_mask_ratio=ratio)
+        tok = build("detok_MM")
         tok.set_latent_stats(0.0, 1.0)
-        specs.append(core.TokenizerSpec(str(save_tokenizer(tok, tmp_path / name.split()[0])), name))
+        corruption = CorruptionConfig(gamma=gamma, max_mask_ratio=ratio).to_dict()
+        specs.append(core.TokenizerSpec(str(save_tokenizer(tok, tmp_path / name.split()[0],
+                                                           extra={"corruption": corruption})), name))
     return {core.CUSTOM_SET: core.load_tokenizers(specs)}
 
 

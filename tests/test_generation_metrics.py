@@ -324,7 +324,6 @@ def test_guidance_sweep_picks_the_minimum(sweep_setup, metric):
 
 
 def test_evaluate_generator_and_run(sweep_setup, tmp_path, monkeypatch):
-    from ldetok import runs
 
     ext, npz = sweep_setup
     gen, tok = StubGenerator(), StubTokenizer()
@@ -338,7 +337,7 @@ def test_evaluate_generator_and_run(sweep_setup, tmp_path, monkeypatch):
     assert len(list((tmp_path / "png").glob("*.png"))) == 30
 
     run = tmp_path / "run"
-    monkeypatch.setattr(runs, "load_generator_run",
+    monkeypatch.setattr(G, "load_generator_run",
                         lambda run_dir, device="cpu": (gen, tok, {"name": "stub", "tokenizer": "/x/tok", "ema": True}))
     out = evaluate_generator_run(run, n=30, guidance_scales=[1.0, 2.5, 4.0], n_search=20, reference=npz,
                                  extractors={"inception": ext}, sweep_extractor=ext, device="cpu", verbose=False,

@@ -81,8 +81,8 @@ def test_psnr_under_noise_one_protocol(tok_run, tmp_path, monkeypatch):
 
     from ldetok import notebook as nb
     from ldetok.engine.distributed import init_distributed
-    from ldetok.eval.tokenizer import evaluate_tokenizer_run, run_train_config
-    from ldetok.tokenizers import load_tokenizer
+    from ldetok.eval.tokenizer import evaluate_tokenizer_run
+    from ldetok.runs import load_tokenizer, run_train_config
 
     n, seed = 10, 3
     ev = evaluate_tokenizer_run(tok_run, n=n, noise_levels=[0.5], rfid=False, batch_size=4, device="cpu", seed=seed,
@@ -96,7 +96,7 @@ def test_psnr_under_noise_one_protocol(tok_run, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "eval" / "recon_tiny.json").read_text()) == rec
 
     cfg = run_train_config(tok_run)
-    x, _ = nb.images(cfg["dataset"], n, cfg["eval_split"], cfg["image_size"], cfg["in_channels"])
+    x, _ = nb.images(cfg.data.dataset, n, cfg.data.eval_split, cfg.model.image_size, cfg.model.in_channels)
     from_nb = nb.psnr_sweep(load_tokenizer(tok_run).eval(), x, [0.5], (), 3.0, "interpolative", seed)["psnr_noise"][0]
 
     assert math.isfinite(from_eval) and from_eval > 0
@@ -107,11 +107,9 @@ def test_psnr_under_noise_one_protocol(tok_run, tmp_path, monkeypatch):
 
 
 def test_gather_joins_rank_shards_in_index_order(monkeypatch):
-    import ldetok.engine.distributed as dist
-
     a = {"f": ([0, 2, 4], np.array([[0.0], [2.0], [4.0]])), "g": ([0], np.array([10.0]))}
     b = {"f": ([1, 3], np.array([[1.0], [3.0]])), "g": ([], None)}  # rank 1 holds none of g's first n
-    monkeypatch.setattr(dist, "gather_objects", lambda obj: [a, b])
+    monkeypatch.setattr(R, "gather_objects", lambda obj: [a, b])
     out = R._gather(a)
     assert out["f"].ravel().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert out["g"].tolist() == [10.0]

@@ -111,7 +111,7 @@ def test_run_train_config_from_run_export_and_generator_run(tmp_path):
 
 
 def test_tokenizer_round_trip(tmp_path):
-    tok = tiny_tok(gamma=1.5)
+    tok = tiny_tok(mlp_ratio=2.0)
     tok.set_latent_stats(torch.arange(6.0), torch.full((6,), 2.0))
     d = runs.save_tokenizer(tok, tmp_path / "run" / "tokenizer", extra={"step": 7})
     meta = json.loads((d / "tokenizer.json").read_text())

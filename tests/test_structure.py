@@ -34,20 +34,6 @@ ALLOWED_LOCAL = {
     "ldetok.cli": {"*"},
     "ldetok.demo.cli": {"*"},
     "ldetok.sweep": {"ldetok.runs", "torch"},
-    # not needed to dodge any cycle (test_no_cycle_even_counting_function_level_imports)
-    "ldetok.tokenizers": {"ldetok.tokenizers.convvae"},
-    "ldetok.generators.mar": {"ldetok.tokenizers"},
-    "ldetok.engine.generator_trainer": {"ldetok.data", "ldetok.generators", "ldetok.viz"},
-    "ldetok.eval.classifier": {"ldetok.data"},
-    "ldetok.eval.generation": {"ldetok.sampling", "ldetok.data", "ldetok.engine.distributed", "ldetok.runs"},
-    "ldetok.eval.tokenizer": {"ldetok.losses", "ldetok.losses.perceptual", "ldetok.data",
-                              "ldetok.engine.distributed", "ldetok.eval.recon"},
-    "ldetok.main_job": {"ldetok.reproduce", "ldetok.data", "ldetok.runs", "ldetok.viz"},
-    "ldetok.reproduce": {"ldetok.eval.classifier", "ldetok.eval.fid", "ldetok.corruption", "ldetok.eval.recon",
-                         "ldetok.engine.distributed", "ldetok.config", "ldetok.data", "ldetok.engine.generator_trainer",
-                         "ldetok.engine.stats", "ldetok.engine.tokenizer_trainer", "ldetok.sampling", "ldetok.runs",
-                         "ldetok.viz"},
-    "ldetok.sampling": {"ldetok.engine.distributed", "ldetok.runs", "ldetok.viz"},
 }
 
 

@@ -200,14 +200,14 @@ def test_save_load_round_trip(tmp_path):
 def test_exports_with_legacy_corruption_keys_still_load(tmp_path):
     """Exports written when the model config held the corruption settings load (those keys are dropped)."""
     tok = tiny()
-    d = T.save_tokenizer(tok, tmp_path / "old")
+    d = save_tokenizer(tok, tmp_path / "old")
     meta = json.loads((d / "tokenizer.json").read_text())
     legacy = dict(gamma=1.5, noise_type="additive", noise_dist="logit_normal", noise_mean=0.8, noise_std=1.0,
                   max_mask_ratio=0.5, mask_low=-0.1, mask_mode="sample")
     assert set(legacy) == set(T.LEGACY_CORRUPTION_KEYS)
     meta["config"].update(legacy)
     (d / "tokenizer.json").write_text(json.dumps(meta))
-    back = T.load_tokenizer(d)
+    back = load_tokenizer(d)
     assert back.cfg == tok.cfg
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(back(x), tok.eval()(x))

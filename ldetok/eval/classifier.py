@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data import build_dataset
 from .fid import _atomic_bytes, _batches
 
 __all__ = ["ClassifierFeatures", "FashionCNN", "classifier_cache_dir", "train_classifier"]
@@ -103,8 +104,6 @@ def _stem(dataset, epochs, seed, limit, test_limit, batch_size) -> str:
 
 
 def _dataset(name: str, split: str, root):
-    from ..data import build_dataset
-
     channels = 1 if _SHORT.get(name) == "fmnist" else 3
     ds = build_dataset(name, split=split, image_size=IMAGE_SIZE, channels=channels, root=root)
     if not hasattr(ds, "tensor_batch"):

@@ -32,6 +32,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..data import DATASETS, build_dataset
+from ..engine.distributed import get_rank, get_world_size, resolve_device
+from ..runs import load_generator_run, run_train_config
+from ..sampling import generate_images, to_uint8
 from .classifier import ClassifierFeatures
 from .fid import (
     InceptionFeatures,
@@ -44,7 +48,6 @@ from .fid import (
     reference_stats,
     stats_from_features,
 )
-from ..engine.distributed import get_rank, get_world_size
 from .inception import inception_score_available, weights_info
 
 __all__ = [
@@ -124,7 +127,6 @@ def write_samples_png(images: torch.Tensor, labels, out_dir, start: int = 0) -> 
     ``to_uint8(images)``. ``labels``: a sequence (entries may be None) or None; ``start``: first index."""
     from PIL import Image
 
-    from ..sampling import to_uint8
 
     arr = to_uint8(images)
     labels = [None] * len(arr) if labels is None else [None if v is None else int(v) for v in labels]
@@ -147,7 +149,6 @@ class _Unavailable(Exception):
 
 class _Reference:
     """A parsed reference: a dataset split (features computed and cached per extractor) or a stats file."""
-
     def __init__(self, reference, cache_dir=None, batch_size: int = 500):
         self.cache_dir, self.batch_size = cache_dir, batch_size
         if isinstance(reference, (str, os.PathLike)):
@@ -176,8 +177,6 @@ class _Reference:
                              f"build the reference at the samples' resolution")
 
     def _images(self):
-        from ..data import DATASETS, build_dataset
-
         kind = DATASETS.get(self.dataset)
         kw = {"train": False} if kind == "imagefolder" else {}  # no random flips in a reference
         ds = build_dataset(self.dataset, split=self.split, image_size=self.resolution,
@@ -216,8 +215,6 @@ class _Reference:
 
 def _default_classifier(ref: _Reference, device):
     """The CNN for the reference's dataset, or the reason there is none."""
-    from ..data import DATASETS
-
     if ref.path is not None:
         return ("no classifier space for a statistics-file reference (no dataset to train a classifier on); "
                 "pass a ClassifierFeatures to measure class consistency")
@@ -435,7 +432,6 @@ def evaluate_generator(gen, tok, n: int, guidance_scale: float, reference, extra
     streamed into the metrics, never all held at once; ``png_dir`` also writes them as PNG.
     ``eval_kw`` goes to ``evaluate_generation``.
     """
-    from ..sampling import generate_images
 
     labels = _class_balanced(gen, n)
     chunk = max(1, int(chunk))
@@ -474,7 +470,6 @@ def guidance_sweep(gen, tok, guidance_scales: Sequence[float], n_search: int, sc
     ``images`` this process's samples in [-1, 1], ``indices`` their indices, ``protocol`` the sampler's
     settings. Under torchrun it must combine the ranks and return the same value on every rank
     (``reference_score`` is the single-process one ``ldetok eval-generator`` uses)."""
-    from ..sampling import generate_images
 
     if not guidance_scales:
         raise ValueError("guidance_scales is empty")
@@ -530,8 +525,6 @@ def evaluate_generator_run(run_dir, n: int = 1000, guidance_scale: float = 1.0,
     (default ``min(n, 1000)``). ``reference`` defaults to ``(dataset, "train", image_size, n, data_root)``
     of the run's tokenizer. Writes ``run_dir/eval/gen_n{N}_cfg{C}.json`` and returns what it wrote.
     """
-    from ..engine.distributed import resolve_device
-    from ..runs import load_generator_run, run_train_config
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..corruption import apply_noise
+from ..corruption import apply_noise, image_noise
 from ..engine.distributed import broadcast_object, gather_objects, get_rank, get_world_size
 from .fid import (
     InceptionFeatures,
@@ -97,13 +97,6 @@ def ssim(
 
 
 # ---- reconstructions of noised latents ----------------------------------------------------------
-def image_noise(shape, seed: int, indices) -> torch.Tensor:
-    """One ε of ``shape`` per image, drawn from a generator seeded by (``seed``, image index): image
-    ``i`` of an evaluation set gets the same ε whatever batch it is in and whichever rank renders it."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)))
-                        for i in indices])
-
-
 @torch.no_grad()
 def reconstruct_noised(tokenizer, x: torch.Tensor, level: float, gamma: float, noise_type: str, seed: int,
                        indices) -> torch.Tensor:

@@ -11,17 +11,18 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..corruption import CorruptionConfig
-
+from ..data import build_dataset
+from ..engine.distributed import resolve_device
+from ..losses import MissingWeightsError
+from ..losses.perceptual import LPIPS
 from ..runs import load_tokenizer, run_corruption, run_train_config
+from .recon import evaluate_reconstruction
 
 __all__ = ["evaluate_tokenizer_run", "lpips_or_reason"]
 
 
 def lpips_or_reason(device):
     """(lpips_fn, None) when the VGG16 weights are on disk, else (None, reason)."""
-    from ..losses import MissingWeightsError
-    from ..losses.perceptual import LPIPS
-
     try:
         net = LPIPS().to(device)
     except MissingWeightsError as e:
@@ -43,9 +44,6 @@ def evaluate_tokenizer_run(run_dir, n: int = 500, noise_levels: Sequence[float] 
     (``gamma``, ``noise_type``; each image's ε seeded by (``seed``, its index), as ``psnr_under_noise``).
     ``gamma`` / ``noise_type`` default to the run's own corruption settings (γ of the paper's recipe,
     3, for a run trained without noise, whose own γ of 0 would measure nothing)."""
-    from ..data import build_dataset
-    from ..engine.distributed import resolve_device
-    from .recon import evaluate_reconstruction
 
     dev = resolve_device(device)
     run_dir = Path(run_dir)

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..tokenizers import OfficialCheckpointError
 from .base import Generator, patchify, unpatchify
 from .diffloss import DiffLoss
 
@@ -399,14 +400,6 @@ MAR_models = {f"mar_{size}": _mar_builder(size) for size in MAR_SIZES}
 # ---------------------------------------------------------------------------------------------
 # Released checkpoints
 # ---------------------------------------------------------------------------------------------
-def _checkpoint_error():
-    try:
-        from ldetok.tokenizers import OfficialCheckpointError
-    except Exception:  # noqa: BLE001 - keep working if the tokenizer package cannot import
-        OfficialCheckpointError = RuntimeError
-    return OfficialCheckpointError
-
-
 def load_official_mar(path, model: str = "mar_base", ema: bool = True, map_location="cpu", **overrides) -> MAR:
     """Load a released MAR checkpoint (l-DeTok's ``mar_base.pth`` / ``mar_large.pth``, or LTH14/mar's).
 
@@ -416,7 +409,7 @@ def load_official_mar(path, model: str = "mar_base", ema: bool = True, map_locat
     Loaded with ``weights_only=True`` (``argparse.Namespace`` allowed, for LTH14/mar's ``args``).
     """
     p = Path(path)
-    err = _checkpoint_error()
+    err = OfficialCheckpointError
     if not p.exists():
         raise FileNotFoundError(
             f"{p}: no such file. The released l-DeTok generators (mar_base.pth, mar_large.pth) come from the "

@@ -19,6 +19,7 @@ from typing import Callable, Dict
 import torch
 
 from .base import DiagonalGaussian, Tokenizer
+from .convvae import CONVVAE_CONFIGS, ConvVAE, build_convvae, load_official_marvae
 from .detok import SIZES, DeTok, DeTokConfig, size_config, split_size_name
 
 __all__ = [
@@ -62,8 +63,6 @@ REGISTRY: Dict[str, Callable[..., Tokenizer]] = {f"detok_{c}": _detok_factory(c)
 
 
 def _convvae_names():
-    from .convvae import CONVVAE_CONFIGS
-
     return list(CONVVAE_CONFIGS)
 
 
@@ -76,8 +75,6 @@ def build(name: str, **overrides) -> Tokenizer:
     if name in REGISTRY:
         return REGISTRY[name](**overrides)
     if name in _convvae_names():
-        from .convvae import build_convvae
-
         return build_convvae(name, **overrides)
     raise KeyError(f"unknown tokenizer {name!r}; available: {', '.join(available())}")
 
@@ -108,8 +105,6 @@ def build_from_config(kind: str, config: dict) -> Tokenizer:
     if kind == "detok":
         return DeTok(DeTokConfig(**config))
     if kind == "convvae":
-        from .convvae import ConvVAE
-
         return ConvVAE(**config)
     raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'detok' or 'convvae')")
 
@@ -181,9 +176,3 @@ def load_official_detok(path, model: str = "detok_BB", ema: bool = True, map_loc
     _match_strict(tok, state, p)
     return tok.eval()
 
-
-def load_official_marvae(path, map_location="cpu", **overrides):
-    """MAR's KL-16 VAE (``kl16.ckpt``); see ``ldetok.tokenizers.convvae.load_official_marvae``."""
-    from .convvae import load_official_marvae as _load
-
-    return _load(path, map_location=map_location, **overrides)
