@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -223,11 +222,6 @@ def loss_curves(run, keys: Sequence[str] = ("loss",)) -> Dict[str, tuple]:
 
 def device(name: str = "auto") -> torch.device:
     return resolve_device(name)
-
-
-def env_for_kernels() -> None:
-    """One intra-op thread unless told otherwise (the papermill kernels inherit the environment)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def figure_path(name: str, figures_dir="figures") -> Path:

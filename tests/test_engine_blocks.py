@@ -307,30 +307,19 @@ def test_rng_roundtrip_through_weights_only_file(tmp_path):
 # --------------------------------------------------------------------------- sampler
 
 
-def test_sampler_resume_equivalence():
+def test_sampler_batches_are_a_pure_function_of_the_step():
     kw = {"dataset_len": 23, "batch_size": 4, "seed": 7}
     ref_s = ResumableSampler(**kw)
-    it = iter(ref_s)
-    reference = [next(it) for _ in range(20)]  # spans several epochs (5 batches each)
     assert ref_s.batches_per_epoch == 5 == len(ref_s)
-    a = ResumableSampler(**kw)
-    it = iter(a)
-    first = [next(it) for _ in range(7)]
-    state = json.loads(json.dumps(a.state_dict()))
-    assert state == {"epoch": 1, "batch_in_epoch": 2} == a.state_at(7)
-    b = ResumableSampler(**kw)
-    b.load_state_dict(state)
-    it = iter(b)
-    rest = [next(it) for _ in range(13)]
-    assert first + rest == reference
+    reference = [ref_s.batch(k // 5, k % 5) for k in range(20)]  # spans several epochs
+    fresh = ResumableSampler(**kw)  # a resumed run: a new sampler, asked from step 7 on
+    assert [fresh.batch(k // 5, k % 5) for k in range(7, 20)] == reference[7:]
     assert reference[0] != reference[5]  # epochs are reshuffled
     epoch0 = [i for b in reference[:5] for i in b]
     assert len(set(epoch0)) == 20 and all(0 <= i < 23 for i in epoch0)
-    # epoch-based use
-    c = ResumableSampler(**kw)
-    assert list(c.one_epoch()) == reference[:5] and c.state_dict() == {"epoch": 1, "batch_in_epoch": 0}
-    with pytest.raises(ValueError, match="out of range"):
-        c.load_state_dict({"epoch": 0, "batch_in_epoch": 6})
+    assert ResumableSampler(**{**kw, "seed": 8}).batch(0, 0) != reference[0]
+    with pytest.raises(IndexError):
+        ref_s.batch(0, 5)
 
 
 @pytest.mark.parametrize("drop_last", [True, False])

@@ -198,11 +198,3 @@ class CheckpointManager:
                 self.skipped.append(path)
                 warnings.warn(f"Skipping unreadable checkpoint {path}: {e}", stacklevel=2)
         return None, None
-
-    def read_pointer(self) -> dict[str, Any] | None:
-        """The content of latest.json (step and file of the last save), or None."""
-        p = self.dir / self.POINTER
-        try:
-            return json.loads(p.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None

@@ -13,7 +13,7 @@ is ``(dataset, split, resolution, count[, root])`` (real features computed once 
 ``reference_stats``) or an ADM-style ``.npz`` of Inception statistics: with only ``mu``/``sigma`` in
 it, KID and precision/recall are reported unavailable (they need real features).
 
-The official l-DeTok protocol (shared/research/paper.md section 4): class-balanced samples from the
+The official l-DeTok protocol (the paper, section 4): class-balanced samples from the
 EMA generator, a guidance-scale search (``guidance_sweep``) on a smaller sample count, then the final
 count at the best scale.
 

@@ -1,7 +1,7 @@
 """The one interface every generator implements, and the small blocks they share.
 
 A generator models *normalised* tokenizer latents ``(B, C, h, w)`` (``tokenizer.tokenize`` /
-``sample_from_moments``), class-conditionally or not:
+a latent cache), class-conditionally or not:
 
 - ``loss(latents, labels) -> scalar``: the training objective; labels (B,) long in [0, num_classes),
   or None for unconditional use. Labels are dropped to the null class with probability

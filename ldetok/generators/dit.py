@@ -2,8 +2,8 @@
 and LightningDiT share.
 
 References: Peebles & Xie, "Scalable Diffusion Models with Transformers" (ICCV 2023,
-facebookresearch/DiT); the l-DeTok re-implementation (Jiawei-Yang/DeTok ``models/dit.py``,
-digested in shared/research/official_repo.md section 4); l-DeTok paper section 4 (DiT column of the
+facebookresearch/DiT); the l-DeTok re-implementation (Jiawei-Yang/DeTok ``models/dit.py``);
+l-DeTok paper section 4 (DiT column of the
 tokenizer comparison: learn-sigma, linear beta schedule, 250 ancestral steps).
 
 - Backbone (``AdaLNZeroTransformer``): latents (B, C, h, w) -> p x p patches -> tokens + 2D sin-cos

@@ -3,7 +3,7 @@
 References: Yao et al., "Reconstruction vs. Generation: Taming Optimization Dilemma in Latent
 Diffusion Models" (CVPR 2025, hustvl/LightningDiT); EVA-02's ``VisionRotaryEmbeddingFast``
 (baaivision/EVA) for the rotary layout; the l-DeTok re-implementation (Jiawei-Yang/DeTok
-``models/lightningdit.py``, shared/research/official_repo.md section 4); l-DeTok paper section 4
+``models/lightningdit.py``); l-DeTok paper section 4
 (LightningDiT column: RMSNorm, RoPE, cosine loss, logit-normal t, Euler 250 steps, shift 0.3, CFG
 interval from t = 0.10).
 

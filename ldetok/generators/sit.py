@@ -2,7 +2,7 @@
 
 References: Ma et al., "SiT: Exploring Flow and Diffusion-based Generative Models with Scalable
 Interpolant Transformers" (ECCV 2024, willisma/SiT); the l-DeTok re-implementation
-(Jiawei-Yang/DeTok ``models/sit.py``, shared/research/official_repo.md section 4); l-DeTok paper
+(Jiawei-Yang/DeTok ``models/sit.py``); l-DeTok paper
 section 4 (SiT column: linear flow, dopri5 ODE, nominally 250 steps).
 
 - Network: ``AdaLNZeroTransformer`` from dit.py (adaLN-Zero blocks, fixed 2D sin-cos positions,

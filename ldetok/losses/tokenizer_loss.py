@@ -1,6 +1,6 @@
 """The tokenizer training loss: pixel + perceptual + KL + PatchGAN, in one module.
 
-Follows the official l-DeTok ``ReconstructionLoss`` (see shared/research/official_repo.md, section 2):
+Follows the official l-DeTok ``ReconstructionLoss`` (Jiawei-Yang/DeTok):
 pixel loss on [0, 1] images, "lpips-convnext_s-1.0-0.1" perceptual loss, KL weight 1e-6, hinge GAN
 with weight 0.1 from a start step, everything in float32.
 

@@ -150,10 +150,6 @@ class Tokenizer(nn.Module):
         """Normalised latents for generators, NCHW."""
         return self.normalize(self.encode(x, sample=sample, generator=generator))
 
-    def sample_from_moments(self, moments: torch.Tensor, generator: Optional[torch.Generator] = None):
-        """Normalised latents sampled from cached NCHW ``[mean, logvar]`` moments (the latent cache)."""
-        return self.normalize(DiagonalGaussian(moments, dim=1).sample(generator))
-
     def detokenize(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in [-1, 1] (clamped)."""
         return self.decode(self.denormalize(z)).clamp(-1.0, 1.0)
