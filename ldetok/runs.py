@@ -269,29 +269,30 @@ def describe(path) -> str:
     return text
 
 
-def tokenizer_dir(path) -> Path:
-    """The exported tokenizer folder of ``path`` (a tokenizer run or an export); a precise
-    ``RunFolderError`` otherwise."""
+def _export_dir(path, what: str) -> Path:
+    """The exported ``what`` ("tokenizer" or "generator") folder of ``path`` (a finished run of it or the
+    export itself); a precise ``RunFolderError`` otherwise."""
     p = Path(path)
     kind = run_kind(p)
-    if kind == RunKind.TOKENIZER_EXPORT:
+    export, run = ((RunKind.TOKENIZER_EXPORT, RunKind.TOKENIZER_RUN) if what == "tokenizer"
+                   else (RunKind.GENERATOR_EXPORT, RunKind.GENERATOR_RUN))
+    if kind == export:
         return p
-    if kind == RunKind.TOKENIZER_RUN:
-        return RunLayout(p).tokenizer
-    raise RunFolderError(f"{p}: {describe(p)}; expected a finished tokenizer run (holding tokenizer/{TOKENIZER_META}) "
-                         f"or an exported tokenizer folder ({TOKENIZER_META} + {WEIGHTS})")
+    if kind == run:
+        return getattr(RunLayout(p), what)
+    meta = TOKENIZER_META if what == "tokenizer" else GENERATOR_META
+    raise RunFolderError(f"{p}: {describe(p)}; expected a finished {what} run (holding {what}/{meta}) "
+                         f"or an exported {what} folder ({meta} + {WEIGHTS})")
+
+
+def tokenizer_dir(path) -> Path:
+    """The exported tokenizer folder of ``path`` (a tokenizer run or an export)."""
+    return _export_dir(path, "tokenizer")
 
 
 def generator_dir(path) -> Path:
     """The exported generator folder of ``path`` (a generator run or an export)."""
-    p = Path(path)
-    kind = run_kind(p)
-    if kind == RunKind.GENERATOR_EXPORT:
-        return p
-    if kind == RunKind.GENERATOR_RUN:
-        return RunLayout(p).generator
-    raise RunFolderError(f"{p}: {describe(p)}; expected a finished generator run (holding generator/{GENERATOR_META}) "
-                         f"or an exported generator folder ({GENERATOR_META} + {WEIGHTS})")
+    return _export_dir(path, "generator")
 
 
 def tokenizer_meta(path) -> dict:

@@ -62,3 +62,14 @@ def tok_run(tmp_path_factory):
                                                       image_every=0, tensorboard=False))
     train_tokenizer(cfg, run)
     return run
+
+
+def step_losses(run_dir, key: str = "loss") -> dict:
+    """step -> logged ``key``, the last record of each step (a resumed run logs some steps twice)."""
+    from ldetok.engine.logging import read_metrics
+
+    out = {}
+    for rec in read_metrics(run_dir):
+        if key in rec:
+            out[rec["step"]] = rec[key]
+    return out

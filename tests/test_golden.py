@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldetok.engine.logging import read_metrics
+from conftest import step_losses
 
 GOLDEN = Path(__file__).parent / "golden" / "trajectories.json"
 TOK_ARGS = ["max_steps=60", "log_every=1", "ckpt_every=60", "image_every=0", "stats_images=512", "tensorboard=false"]
@@ -22,11 +22,7 @@ GEN_ARGS = ["model=sit_tiny", "max_steps=60", "batch_size=64", "log_every=1", "c
 
 
 def _losses(run_dir):
-    out = {}
-    for rec in read_metrics(run_dir):
-        if "loss" in rec:
-            out[str(rec["step"])] = rec["loss"]
-    return out
+    return {str(k): v for k, v in step_losses(run_dir).items()}
 
 
 def _trajectories(tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import step_losses
 from ldetok.corruption import CorruptionConfig
-from ldetok.engine.logging import read_metrics
 from ldetok.runs import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +33,7 @@ def cli(*args, **kw):
                           capture_output=True, text=True, timeout=600, **kw)
 
 
-def losses(run_dir):
-    """step -> loss, the last record of each step (a resumed run logs some steps twice)."""
-    out = {}
-    for rec in read_metrics(run_dir):
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
+losses = step_losses
 
 
 @pytest.mark.slow

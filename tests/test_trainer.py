@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from ldetok.config import resolve_tokenizer_config
 from ldetok.corruption import CorruptionConfig
-from ldetok.engine.logging import read_metrics
+from conftest import step_losses
 from ldetok.engine.sampler import ResumableSampler
 from ldetok.engine.tokenizer_trainer import TokenizerTrainer, train_tokenizer
 from ldetok.engine.trainer import StepBatches
@@ -57,14 +57,6 @@ def test_step_batches_leave_the_callers_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def _losses(run):
-    out = {}
-    for rec in read_metrics(run):
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
 @pytest.mark.slow
 def test_resume_with_two_workers_equals_an_uninterrupted_single_process_run(tmp_path):
     ref, split = tmp_path / "ref", tmp_path / "split"
@@ -72,7 +64,7 @@ def test_resume_with_two_workers_equals_an_uninterrupted_single_process_run(tmp_
     train_tokenizer(resolve_tokenizer_config("cpu-fmnist", dict(FAST, max_steps=5, num_workers=2)), split)
     # extend the finished 5-step run: resumes from its step-5 checkpoint, with two workers
     train_tokenizer(resolve_tokenizer_config("cpu-fmnist", dict(FAST, max_steps=8, num_workers=2)), split)
-    a, b = _losses(ref), _losses(split)
+    a, b = step_losses(ref), step_losses(split)
     assert sorted(a) == list(range(1, 9)) and all(a[s] == b[s] for s in a), (a, b)
     from safetensors.torch import load_file
 
