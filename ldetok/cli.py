@@ -38,10 +38,11 @@ def cmd_presets(args) -> int:
         length = f"{p['epochs']} epochs" if p.get("epochs") else f"{p.get('max_steps')} steps"
         print(f"  {name:40s} {p.get('model', '(model=...)'):12s} batch {p['batch_size']:5d} lr {p['lr']:.0e} "
               f"({p['schedule']}) {length}")
-    from .reproduce import REPRODUCE_PRESETS
+    from .config import REPRODUCE_PRESETS, resolve_reproduce_config
 
     print("reproduce presets (ldetok reproduce --preset NAME --out DIR):")
-    for name, r in REPRODUCE_PRESETS.items():
+    for name in REPRODUCE_PRESETS:
+        r = resolve_reproduce_config(name)
         budgets = ", ".join(f"{a}/{b}" if a else "preset" for a, b in r.budgets)
         print(f"  {name:24s} tokenizers {r.tokenizer_preset}[{','.join(r.variants)}]  generators "
               f"{','.join(r.generators)}  seeds {','.join(map(str, r.seeds))}  steps tok/gen {budgets}  "

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import generators, tokenizers
 from .corruption import CorruptionConfig
@@ -26,7 +26,8 @@ from .losses import PERCEPTUAL_NAMES
 __all__ = ["TokenizerModelConfig", "DataConfig", "TokenizerLossConfig", "OptimConfig", "RunConfig",
            "TokenizerTrainConfig", "GeneratorTrainConfig", "TOKENIZER_PRESETS", "GENERATOR_PRESETS", "VARIANTS",
            "resolve_tokenizer_config", "resolve_generator_config", "parse_overrides", "apply_overrides",
-           "config_diff", "config_from_dict", "flatten", "to_json", "SCHEDULES", "PRECISIONS"]
+           "config_diff", "config_from_dict", "flatten", "to_json", "SCHEDULES", "PRECISIONS", "ReproduceConfig",
+           "REPRODUCE_PRESETS", "resolve_reproduce_config"]
 
 SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -288,6 +289,107 @@ for _base in ("cpu-fmnist", "cpu-photos", "detok_SB-imagenet256-ablation"):
     for _v, (_g, _m) in VARIANTS.items():
         if _v != "detok":
             TOKENIZER_PRESETS[f"{_base}-{_v}"] = dict(TOKENIZER_PRESETS[_base], gamma=_g, max_mask_ratio=_m)
+
+# ---------------------------------------------------------------------------------------------
+# Reproductions of the corruption ablation (``ldetok reproduce``): presets of the same kind
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ReproduceConfig:
+    """A reproduction of the corruption ablation (``ldetok reproduce``): which tokenizer and generator
+    presets, variants, seeds and budgets, and the evaluation protocol."""
+
+    tokenizer_preset: str = "cpu-fmnist"  # the base preset; variants append -ae/-mask/-noise ("detok" is the base)
+    generator_preset: str = "cpu-fmnist"
+    variants: Sequence[str] = ("ae", "mask", "noise", "detok")
+    generators: Sequence[str] = ("sit", "mar")
+    seeds: Sequence[int] = (0,)
+    budgets: Sequence[Tuple[int, int]] = ((1000, 1500),)  # (tokenizer steps, generator steps)
+    n_eval: int = 1000  # samples and real/reconstructed images per evaluation
+    features: Sequence[str] = ("classifier", "inception")
+    # Inception features on the first n_inception images of each (class-balanced) set; None: all n_eval.
+    # On a CPU the 299 px Inception runs at ~12 img/s on 2 cores, so the CPU presets use fewer images
+    # there (KID, unbiased, is the metric to read at such counts; FID at small n is biased upwards).
+    n_inception: Optional[int] = None
+    noise_levels: Sequence[float] = (0.3, 0.5, 0.7)
+    # robustness is measured under one noise for every variant (so the variants compare), not each run's
+    # own corruption: the paper's γ and interpolative noise
+    noise_gamma: float = 3.0
+    noise_type: str = "interpolative"
+    # the decoder fine-tuning stage after each tokenizer (encoder frozen, no corruption; the released
+    # `-decoder_tuned` recipe): steps, 0 for none. Generators then train on the fine-tuned tokenizer
+    # (same latents: only the decoder changes). Its preset, when given, replaces the base preset with
+    # `stage=decoder_ft` (e.g. detok_BB-imagenet256-decoder_ft).
+    decoder_ft_steps: int = 0
+    decoder_ft_preset: Optional[str] = None
+    guidance_scale: float = 1.5  # classifier-free guidance scale of the samples
+    # a guidance-scale search before the final evaluation (``eval.guidance_sweep``): each scale samples
+    # n_search images, the one with the lowest FD to the real images (Inception when measured, else the
+    # first space) is used; () for none
+    guidance_scales: Sequence[float] = ()
+    n_search: int = 5000
+    sample_steps: Optional[int] = None
+    tok_overrides: Dict = field(default_factory=dict)
+    gen_overrides: Dict = field(default_factory=dict)
+    model_args: Dict[str, str] = field(default_factory=dict)  # generator family -> its model_args JSON
+
+
+    def validate(self) -> "ReproduceConfig":
+        errs: List[str] = []
+        bases = [self.tokenizer_preset] + ([self.decoder_ft_preset] if self.decoder_ft_preset else [])
+        for v in self.variants:
+            if v not in VARIANTS:
+                errs.append(f"unknown variant {v!r}; available: {', '.join(VARIANTS)}")
+            elif v != "detok":
+                bases.append(f"{self.tokenizer_preset}-{v}")
+        errs += [f"unknown tokenizer preset {p!r}" for p in bases if p not in TOKENIZER_PRESETS]
+        if self.generator_preset not in GENERATOR_PRESETS:
+            errs.append(f"unknown generator preset {self.generator_preset!r}")
+        errs += [f"generator {g!r} is unknown" for g in self.generators
+                 if generators.FAMILIES.get(g, g) not in generators.REGISTRY]
+        if not self.seeds or not self.budgets or any(len(b) != 2 or min(b) < 0 for b in self.budgets):
+            errs.append("seeds and budgets must be non-empty; each budget is (tokenizer steps, generator steps) >= 0")
+        if self.n_eval < 1 or self.n_search < 1 or self.decoder_ft_steps < 0:
+            errs.append("n_eval and n_search must be >= 1, decoder_ft_steps >= 0")
+        if not all(0 <= t <= 1 for t in self.noise_levels):
+            errs.append(f"noise_levels must be in [0, 1], got {list(self.noise_levels)}")
+        if errs:
+            raise ValueError("invalid reproduce config:\n  " + "\n  ".join(errs))
+        return self
+
+
+REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
+    # make run: baseline vs l-DeTok, one seed, SiT, ~20 min on 2 cores
+    "cpu-quick": dict(variants=("ae", "detok"), generators=("sit",), budgets=((1000, 1500),), n_eval=1000,
+                      n_inception=500),
+    # baseline vs l-DeTok at four budgets, two seeds (about 75 min on 2 cores with one process per seed)
+    "cpu-budget": dict(variants=("ae", "detok"), generators=("sit",), seeds=(0, 1),
+                       budgets=((250, 375), (500, 750), (1000, 1500), (2000, 3000)), n_eval=1000, n_inception=250),
+    # all four variants, three seeds, a budget sweep (hours on 2 cores)
+    "cpu-full": dict(generators=("sit", "mar"), seeds=(0, 1, 2), budgets=((1000, 1500), (3000, 3000), (8000, 6000)),
+                     n_eval=2000, n_inception=1000),
+    # one modern GPU, a few hours: colour photo crops at 64 px, CPU sizes scaled up
+    "gpu-photos": dict(tokenizer_preset="cpu-photos", generators=("sit", "mar"), seeds=(0, 1),
+                       budgets=((5000, 10000), (20000, 40000)), n_eval=5000, features=("inception",),
+                       tok_overrides=dict(model="detok_TT", image_size=64, patch_size=8, batch_size=256),
+                       gen_overrides=dict(batch_size=256)),
+    # the paper's ablation on an ImageNet folder (torchrun, several nodes): detok_SB 50 epochs, MAR-B and
+    # SiT-B 100 epochs at batch 1024, 50k samples
+    "gpu-imagenet-ablation": dict(
+        tokenizer_preset="detok_SB-imagenet256-ablation", generator_preset="paper-100ep",
+        generators=("mar_base", "sit_base"), budgets=((0, 0),), n_eval=50000, features=("inception",),
+        guidance_scale=3.0, guidance_scales=(2.0, 2.5, 3.0, 3.5, 4.0, 4.5), n_search=5000,
+        model_args={"mar_base": '{"diffloss_d": 3}'}),  # the 100-epoch runs' DiffLoss head: depth 3
+    # for tests: seconds
+    "tiny": dict(variants=("ae", "detok"), generators=("sit",), budgets=((2, 2), (3, 3)), n_eval=16, n_inception=12,
+                 features=("inception",), sample_steps=4,
+                 tok_overrides=dict(batch_size=16, stats_images=64, log_every=1, tensorboard=False),
+                 gen_overrides=dict(batch_size=16, log_every=1, tensorboard=False, latents="online")),
+}
+
+
+def resolve_reproduce_config(preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None):
+    return _resolve(ReproduceConfig(), REPRODUCE_PRESETS, "reproduce preset", preset, overrides)
+
 
 # ---------------------------------------------------------------------------------------------
 # key=value overrides on a tree of dataclasses

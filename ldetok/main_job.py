@@ -17,7 +17,8 @@ from typing import Dict, List
 import torch
 
 from .data import build_dataset
-from .reproduce import LABELS, REPRODUCE_PRESETS, headline_table, reproduce
+from .config import resolve_reproduce_config
+from .reproduce import LABELS, headline_table, reproduce
 from .runs import load_tokenizer, run_corruption, run_train_config
 from .viz import plot_corruption_sweeps, save_grid
 
@@ -43,7 +44,7 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
     rows = reproduce(preset, out, device=device, figures_dir=figures)
 
     # ---- figures from the largest budget's tokenizers and samples (first seed) ----------------
-    P = REPRODUCE_PRESETS[preset]
+    P = resolve_reproduce_config(preset)
     tok_steps, gen_steps = P.budgets[-1]
     seed = P.seeds[0]
     runs = {v: out / "tokenizers" / f"{v}_s{seed}_t{tok_steps}" for v in ("detok", "ae") if v in P.variants}

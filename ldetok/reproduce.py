@@ -25,14 +25,14 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .config import resolve_generator_config, resolve_tokenizer_config
+from .config import ReproduceConfig, resolve_generator_config, resolve_reproduce_config, resolve_tokenizer_config
 from .data import build_dataset
 from .engine.distributed import barrier, broadcast_object, cleanup, gather_objects, init_distributed, is_distributed
 from .engine.generator_trainer import train_generator
@@ -45,81 +45,13 @@ from .runs import load_generator_run, load_tokenizer, run_train_config
 from .sampling import generate_images
 from .viz import save_grid
 
-__all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce", "headline_table", "parse_budgets"]
+__all__ = ["reproduce", "headline_table", "parse_budgets"]
 
 PAPER_VARIANTS = {"ae": "γ=0, M=0", "mask": "masking only (M=0.7)", "noise": "noise only (γ=3)",
                   "detok": "noise + masking (l-DeTok)"}
 
 LABELS = {"detok": "l-DeTok (γ=3, M=0.7)", "ae": "AE (γ=0, M=0)", "mask": "masking only (M=0.7)",
           "noise": "noise only (γ=3)"}
-
-
-@dataclass
-class ReproducePreset:
-    tokenizer_preset: str  # the base preset; variants append -ae/-mask/-noise ("detok" is the base itself)
-    generator_preset: str
-    variants: Sequence[str] = ("ae", "mask", "noise", "detok")
-    generators: Sequence[str] = ("sit", "mar")
-    seeds: Sequence[int] = (0,)
-    budgets: Sequence[Tuple[int, int]] = ((1000, 1500),)  # (tokenizer steps, generator steps)
-    n_eval: int = 1000  # samples and real/reconstructed images per evaluation
-    features: Sequence[str] = ("classifier", "inception")
-    # Inception features on the first n_inception images of each (class-balanced) set; None: all n_eval.
-    # On a CPU the 299 px Inception runs at ~12 img/s on 2 cores, so the CPU presets use fewer images
-    # there (KID, unbiased, is the metric to read at such counts; FID at small n is biased upwards).
-    n_inception: Optional[int] = None
-    noise_levels: Sequence[float] = (0.3, 0.5, 0.7)
-    # robustness is measured under one noise for every variant (so the variants compare), not each run's
-    # own corruption: the paper's γ and interpolative noise
-    noise_gamma: float = 3.0
-    noise_type: str = "interpolative"
-    # the decoder fine-tuning stage after each tokenizer (encoder frozen, no corruption; the released
-    # `-decoder_tuned` recipe): steps, 0 for none. Generators then train on the fine-tuned tokenizer
-    # (same latents: only the decoder changes). Its preset, when given, replaces the base preset with
-    # `stage=decoder_ft` (e.g. detok_BB-imagenet256-decoder_ft).
-    decoder_ft_steps: int = 0
-    decoder_ft_preset: Optional[str] = None
-    guidance_scale: float = 1.5  # classifier-free guidance scale of the samples
-    # a guidance-scale search before the final evaluation (``eval.guidance_sweep``): each scale samples
-    # n_search images, the one with the lowest FD to the real images (Inception when measured, else the
-    # first space) is used; () for none
-    guidance_scales: Sequence[float] = ()
-    n_search: int = 5000
-    sample_steps: Optional[int] = None
-    tok_overrides: Dict = field(default_factory=dict)
-    gen_overrides: Dict = field(default_factory=dict)
-    model_args: Dict[str, str] = field(default_factory=dict)  # generator family -> its model_args JSON
-
-
-REPRODUCE_PRESETS: Dict[str, ReproducePreset] = {
-    # make run: baseline vs l-DeTok, one seed, SiT, ~20 min on 2 cores
-    "cpu-quick": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
-                                 budgets=((1000, 1500),), n_eval=1000, n_inception=500),
-    # baseline vs l-DeTok at four budgets, two seeds (about 75 min on 2 cores with one process per seed)
-    "cpu-budget": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
-                                  seeds=(0, 1), budgets=((250, 375), (500, 750), (1000, 1500), (2000, 3000)),
-                                  n_eval=1000, n_inception=250),
-    # all four variants, three seeds, a budget sweep (hours on 2 cores)
-    "cpu-full": ReproducePreset("cpu-fmnist", "cpu-fmnist", generators=("sit", "mar"), seeds=(0, 1, 2),
-                                budgets=((1000, 1500), (3000, 3000), (8000, 6000)), n_eval=2000, n_inception=1000),
-    # one modern GPU, a few hours: colour photo crops at 64 px, CPU sizes scaled up
-    "gpu-photos": ReproducePreset("cpu-photos", "cpu-fmnist", generators=("sit", "mar"), seeds=(0, 1),
-                                  budgets=((5000, 10000), (20000, 40000)), n_eval=5000, features=("inception",),
-                                  tok_overrides=dict(model="detok_TT", image_size=64, patch_size=8, batch_size=256),
-                                  gen_overrides=dict(batch_size=256)),
-    # the paper's ablation on an ImageNet folder (torchrun, several nodes): detok_SB 50 epochs, MAR-B and
-    # SiT-B 100 epochs at batch 1024, 50k samples
-    "gpu-imagenet-ablation": ReproducePreset(
-        "detok_SB-imagenet256-ablation", "paper-100ep", generators=("mar_base", "sit_base"),
-        budgets=((0, 0),), n_eval=50000, features=("inception",), guidance_scale=3.0,
-        guidance_scales=(2.0, 2.5, 3.0, 3.5, 4.0, 4.5), n_search=5000,
-        model_args={"mar_base": '{"diffloss_d": 3}'}),  # the 100-epoch runs' DiffLoss head: depth 3
-    # for tests: seconds
-    "tiny": ReproducePreset("cpu-fmnist", "cpu-fmnist", variants=("ae", "detok"), generators=("sit",),
-                            budgets=((2, 2), (3, 3)), n_eval=16, n_inception=12, features=("inception",), sample_steps=4,
-                            tok_overrides=dict(batch_size=16, stats_images=64, log_every=1, tensorboard=False),
-                            gen_overrides=dict(batch_size=16, log_every=1, tensorboard=False, latents="online")),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +180,7 @@ class _Run:
     (loaded on first need, then reused for every tokenizer). Rank 0 decides whether a stage is done and
     writes every file; the other ranks follow its decisions."""
 
-    def __init__(self, P: ReproducePreset, out: Path, D, tok_over: Dict, gen_over: Dict, user_gen_over: Dict,
+    def __init__(self, P: ReproduceConfig, out: Path, D, tok_over: Dict, gen_over: Dict, user_gen_over: Dict,
                  ft_steps: int, prog: _Progress):
         self.P, self.out, self.D, self.prog = P, out, D, prog
         self.dev, self.main = D.device, D.is_main
@@ -456,9 +388,7 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     seed and rank), rank 0 decides which stages are done and writes every file. ``guidance_scales``
     (with ``n_search``) replaces the preset's guidance-scale search."""
 
-    if preset not in REPRODUCE_PRESETS:
-        raise ValueError(f"unknown reproduce preset {preset!r}; available: {', '.join(REPRODUCE_PRESETS)}")
-    P = REPRODUCE_PRESETS[preset]
+    P = resolve_reproduce_config(preset)
     if guidance_scales is not None or n_search is not None:
         P = replace(P, guidance_scales=tuple(P.guidance_scales if guidance_scales is None else guidance_scales),
                     n_search=P.n_search if n_search is None else int(n_search))

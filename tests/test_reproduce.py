@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ldetok.reproduce as R
+from ldetok.config import REPRODUCE_PRESETS, resolve_reproduce_config
 from ldetok.cli import main as cli
 
 
@@ -77,7 +78,6 @@ class _MomentFeatures:
 def test_psnr_under_noise_one_protocol(tok_run, tmp_path, monkeypatch):
     """PSNR at t=0.5 of one tokenizer run and seed is the same number from `ldetok eval-tokenizer`, from
     reproduce's reconstruction stage and from notebook 05's helper, whatever their batch sizes."""
-    from dataclasses import replace
 
     from ldetok import notebook as nb
     from ldetok.engine.distributed import init_distributed
@@ -89,7 +89,7 @@ def test_psnr_under_noise_one_protocol(tok_run, tmp_path, monkeypatch):
                                 verbose=False)
     from_eval = ev["t=0.5"]["psnr"]["value"]
 
-    P = replace(R.REPRODUCE_PRESETS["tiny"], n_eval=n, noise_levels=(0.5,), features=("moments",))
+    P = resolve_reproduce_config("tiny", dict(n_eval=n, noise_levels=(0.5,), features=("moments",)))
     monkeypatch.setattr(R, "_extractors", lambda names, device, warm=False: {k: _MomentFeatures() for k in names})
     run = R._Run(P, tmp_path, init_distributed("cpu"), {}, {}, {}, 0, R._Progress([("recon", n)], verbose=False))
     rec, _, _ = R._recon_stage(run, tok_run, "tiny", seed, {})
@@ -228,7 +228,7 @@ def test_reproduce_guidance_search(tmp_path):
     assert ev["cfg"] == float(min(search["fd"], key=search["fd"].get))
 
 
-@pytest.mark.parametrize("name", list(R.REPRODUCE_PRESETS))
+@pytest.mark.parametrize("name", list(REPRODUCE_PRESETS))
 def test_every_preset_resolves_and_builds(name):
     """Each preset's tokenizer variants and generator families resolve to valid configs, and the models
     they describe can be constructed (on the meta device: no memory, no weights), so a GPU preset cannot
@@ -237,7 +237,7 @@ def test_every_preset_resolves_and_builds(name):
     from ldetok.generators import build_generator
     from ldetok.tokenizers import build_sized
 
-    P = R.REPRODUCE_PRESETS[name]
+    P = resolve_reproduce_config(name)
     for v in P.variants:
         tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
         tcfg = resolve_tokenizer_config(tpreset, dict(P.tok_overrides, seed=0))
@@ -266,4 +266,20 @@ def test_every_preset_resolves_and_builds(name):
 def test_presets_command_lists_reproduce_presets(capsys):
     assert cli(["presets"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in R.REPRODUCE_PRESETS)
+    assert all(name in out for name in REPRODUCE_PRESETS)
+
+
+def test_reproduce_configs_are_checked_before_any_work():
+    """One preset mechanism: the reproduce presets resolve like the training presets, and bad values are
+    refused with every problem named, before any training starts."""
+    from ldetok.config import config_diff
+
+    quick = resolve_reproduce_config("cpu-quick")
+    assert config_diff(quick, resolve_reproduce_config("cpu-quick", {"n_eval": 10}))  # overrides apply
+    with pytest.raises(ValueError) as e:
+        resolve_reproduce_config("cpu-quick", {"variants": ("ae", "nosuch"), "generators": ("sit", "xyz"),
+                                               "tokenizer_preset": "nope", "noise_levels": (0.5, 7.0)})
+    msg = str(e.value)
+    assert all(s in msg for s in ("nosuch", "xyz", "nope", "noise_levels"))
+    with pytest.raises(ValueError, match="unknown reproduce preset"):
+        resolve_reproduce_config("missing")
