@@ -150,7 +150,7 @@ def _psnr_ssim(rec: torch.Tensor, x: torch.Tensor) -> tuple:
 def _decode_clean_and_noisy(tok_run: Path, x: torch.Tensor, t: float, gamma: float, seed: int) -> tuple:
     """Latents of ``x``; clean decodes; decodes of ``(1 - t) z + t gamma eps``, image i's eps drawn from a
     generator seeded by (``seed``, i) (the evaluation protocol's per-image noise)."""
-    from ldetok.tokenizers import load_tokenizer
+    from ldetok.runs import load_tokenizer
 
     tok = load_tokenizer(tok_run).eval()
     z = tok.encode(x)
