@@ -224,34 +224,14 @@ def evaluate_reconstruction(
             return False
         return broadcast_object(lookup_reference_stats(dataset_key, split, res, n, extractor, cache_dir) is None)
 
-    resolution, need_real = None, False
+    resolution = need_real = None
     if ds is not None:  # know the resolution before the loop, so no rank can skip the broadcast
         resolution = _resolution(_first_image(ds[0]))
         need_real = check_cache(resolution)
-    was_training = tokenizer.training
-    tokenizer.eval()
-    per = {"psnr": [], "ssim": [], "lpips": [], "rec": [], "real": []}
-    seen = 0
-    try:
-        with torch.no_grad():
-            for x in _batches(source, batch_size):
-                x = x[: len(indices) - seen].to(device).float()
-                if x.shape[0] == 0:
-                    break
-                if resolution is None:  # an iterable source (single process)
-                    resolution = _resolution(x)
-                    need_real = check_cache(resolution)
-                if noise_level is None:
-                    rec = tokenizer.reconstruct(x)
-                else:
-                    rec = reconstruct_noised(tokenizer, x, noise_level, gamma, noise_type, noise_seed,
-                                             indices[seen:seen + x.shape[0]])
-                _batch_metrics(per, rec.float(), x, lpips_fn, extractor if compute_rfid else None, need_real)
-                seen += x.shape[0]
-                if seen >= len(indices):
-                    break
-    finally:
-        tokenizer.train(was_training)
+    noise = None if noise_level is None else (noise_level, gamma, noise_type, noise_seed)
+    per, seen, resolution, need_real = _reconstruct_all(
+        tokenizer, source, indices, batch_size, device, noise, lpips_fn, extractor if compute_rfid else None,
+        resolution, need_real, check_cache)
     if seen < len(indices):
         raise ValueError(f"the data ran out after {seen} images on rank {rank}; expected {len(indices)}")
 
@@ -266,6 +246,37 @@ def evaluate_reconstruction(
         results = _summarise(merged, n, resolution, dataset_key, split, reference, compute_rfid, need_real, lpips_fn,
                              noise, extractor, cache_dir, protocol_extra or {})
     return broadcast_object(results)
+
+
+def _reconstruct_all(tokenizer, source, indices, batch_size, device, noise, lpips_fn, extractor, resolution,
+                     need_real, check_cache):
+    """The per-image metrics of every batch of ``source`` (clean, or noised as ``noise`` =
+    (level, gamma, type, seed) says); ``resolution`` and ``need_real`` are found on the first batch
+    when not known yet. Returns (per-image lists, images seen, resolution, need_real)."""
+    was_training = tokenizer.training
+    tokenizer.eval()
+    per = {"psnr": [], "ssim": [], "lpips": [], "rec": [], "real": []}
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x in _batches(source, batch_size):
+                x = x[: len(indices) - seen].to(device).float()
+                if x.shape[0] == 0:
+                    break
+                if resolution is None:  # an iterable source (single process)
+                    resolution = _resolution(x)
+                    need_real = check_cache(resolution)
+                if noise is None:
+                    rec = tokenizer.reconstruct(x)
+                else:
+                    rec = reconstruct_noised(tokenizer, x, *noise[:3], noise[3], indices[seen:seen + x.shape[0]])
+                _batch_metrics(per, rec.float(), x, lpips_fn, extractor, need_real)
+                seen += x.shape[0]
+                if seen >= len(indices):
+                    break
+    finally:
+        tokenizer.train(was_training)
+    return per, seen, resolution, bool(need_real)
 
 
 def _shard(loader_or_dataset, n: int, batch_size: int, num_workers: int, rank: int, world: int):
