@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .config import ReproduceConfig, resolve_generator_config, resolve_reproduce_config, resolve_tokenizer_config
-from .data import build_dataset
+from .data import build_dataset, from_uint8, to_uint8
 from .engine.distributed import barrier, broadcast_object, cleanup, gather_objects, init_distributed, is_distributed
 from .engine.generator_trainer import train_generator
 from .engine.stats import fetch_batch
@@ -41,7 +41,7 @@ from .engine.tokenizer_trainer import train_tokenizer
 from .eval import fd_from_features, guidance_sweep, kid_from_features, psnr, psnr_under_noise, ssim
 from .eval.classifier import ClassifierFeatures
 from .eval.fid import InceptionFeatures
-from .runs import load_generator_run, load_tokenizer, run_train_config
+from .runs import atomic_write_text, load_generator_run, load_tokenizer, run_train_config
 from .sampling import generate_images
 from .viz import save_grid
 
@@ -60,10 +60,7 @@ def _done(path: Path) -> Optional[dict]:
 
 
 def _save(path: Path, obj) -> dict:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
+    atomic_write_text(json.dumps(obj, indent=2, default=float), path)
     return obj
 
 
@@ -127,7 +124,7 @@ def _extractors(names, device, warm: bool = False):
 
 def _quantize(x: torch.Tensor) -> torch.Tensor:
     """Images as their 8-bit PNG would hold them (rounded, as ``ldetok sample`` writes them), back in [-1, 1]."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    return from_uint8(to_uint8(x))
 
 
 def _features(ext, images: torch.Tensor, n: Optional[int] = None) -> np.ndarray:

@@ -130,6 +130,7 @@ def atomic_write(path, write: Callable[[io.BufferedWriter], Any]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files and caches are meant to be readable by others
         os.replace(tmp, path)
     except BaseException:
         try:

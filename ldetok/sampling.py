@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import data
 from .engine.distributed import resolve_device
 from .runs import load_generator_run
 from .viz import save_grid
@@ -19,7 +20,7 @@ __all__ = ["generate_images", "sample_run", "to_uint8"]
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded (gray replicated)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    x = data.to_uint8(x).cpu()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x.permute(0, 2, 3, 1).numpy()

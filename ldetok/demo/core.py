@@ -34,6 +34,7 @@ from .. import corruption as C
 from ..config import resolve_tokenizer_config
 from ..data import FASHION_CLASSES, to_uint8
 from ..engine.tokenizer_trainer import train_tokenizer
+from ..eval.recon import psnr as eval_psnr
 from ..runs import (RunKind, describe, load_generator_run, load_tokenizer, run_corruption, run_kind, run_train_config,
                     tokenizer_meta)
 from ..sampling import generate_images
@@ -223,9 +224,8 @@ class Reconstruction:
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (the definition of ``ldetok.eval.recon.psnr``); inf when equal."""
-    mse = float((x.double() - y.double()).pow(2).mean())
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(4.0 / mse))
+    """PSNR in dB of one image (a batch of one) in [-1, 1], by ``ldetok.eval.psnr``; inf when equal."""
+    return eval_psnr(x, y)[0]
 
 
 # Clean reconstructions do not depend on the sliders: a few are cached per tokenizer (weakly, so a

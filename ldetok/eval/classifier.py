@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import build_dataset
-from .fid import _atomic_bytes, _batches
+from ..data import build_dataset, from_uint8, to_uint8
+from ..runs import atomic_write_bytes
+from .fid import _batches
 
 __all__ = ["ClassifierFeatures", "FashionCNN", "classifier_cache_dir", "train_classifier"]
 
@@ -76,13 +77,11 @@ def _prepare(x: torch.Tensor, in_channels: int) -> torch.Tensor:
         x = x.unsqueeze(0)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected images (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        x = x.float()
-    elif x.is_floating_point():
-        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round()
-    else:
+    if x.is_floating_point():
+        x = to_uint8(x)  # as the 8-bit PNG holds them
+    elif x.dtype != torch.uint8:
         raise TypeError(f"expected float images in [-1, 1] or uint8, got dtype {x.dtype}")
-    x = x / 127.5 - 1.0
+    x = from_uint8(x)
     if x.shape[1] != in_channels:
         x = x.mean(1, keepdim=True) if in_channels == 1 else x.expand(-1, 3, -1, -1)
     if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
@@ -190,8 +189,8 @@ def train_classifier(dataset: str = "fashion_mnist", epochs: int = 2, seed: int 
             "augment": "hflip p=0.5", "train_images": n, "limit": limit, "test_images": n_test,
             "test_limit": test_limit, "test_accuracy": acc, "train_seconds": round(train_s, 1),
             "sha1": hashlib.sha1(data).hexdigest(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _atomic_bytes(wpath, data)  # weights first, then the record that makes them a cache hit
-    _atomic_bytes(jpath, json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(data, wpath)  # weights first, then the record that makes them a cache hit
+    atomic_write_bytes(json.dumps(meta, indent=2).encode(), jpath)
     if verbose:
         print(f"classifier: test accuracy {acc:.4f} on {n_test} images, {train_s:.0f} s; cached at {wpath}")
     model.meta = {**meta, "cached": False, "path": str(wpath)}

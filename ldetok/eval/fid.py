@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import to_uint8
+from ..runs import atomic_write_bytes
 from .inception import ensure_inception_weights, weights_info
 
 __all__ = [
@@ -227,20 +228,6 @@ def load_reference_stats(path) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_reference_stats(path, mu, sigma, features=None) -> Path:
     """Write an ADM-style ``.npz`` (``mu``, ``sigma``, optionally ``features``) atomically."""
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
@@ -248,7 +235,7 @@ def save_reference_stats(path, mu, sigma, features=None) -> Path:
         arrays["features"] = np.asarray(features, np.float32)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    _atomic_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(buf.getvalue(), Path(path))
     return Path(path)
 
 
@@ -262,7 +249,7 @@ def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8:
         if not x.is_floating_point():
             raise TypeError(f"expected float images in [-1, 1] or uint8, got dtype {x.dtype}")
-        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        x = to_uint8(x)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
@@ -398,7 +385,7 @@ def store_reference_stats(dataset_key, split, resolution, count, features, extra
         "quantisation": "uint8 by rounding",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _atomic_bytes(js, json.dumps(record, indent=2).encode())
+    atomic_write_bytes(json.dumps(record, indent=2).encode(), js)
     return mu, sigma, features
 
 

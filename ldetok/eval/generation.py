@@ -34,13 +34,12 @@ import torch
 
 from ..data import DATASETS, build_dataset
 from ..engine.distributed import get_rank, get_world_size, resolve_device
-from ..runs import load_generator_run, run_train_config
+from ..runs import atomic_write_bytes, load_generator_run, run_train_config
 from ..sampling import generate_images, to_uint8
 from .classifier import ClassifierFeatures
 from .fid import (
     InceptionFeatures,
     MetricResult,
-    _atomic_bytes,
     fid_from_stats,
     inception_score_from_logits,
     kid_from_features,
@@ -550,7 +549,7 @@ def evaluate_generator_run(run_dir, n: int = 1000, guidance_scale: float = 1.0,
     out = {"run": str(run_dir), "n": n, "cfg": float(guidance_scale), "sweep": sweep,
            "metrics": {key: r.to_dict() for key, r in res.items()}}
     path = run_dir / "eval" / f"gen_n{n}_cfg{float(guidance_scale):g}.json"
-    _atomic_bytes(path, json.dumps(out, indent=2, default=str).encode())
+    atomic_write_bytes(json.dumps(out, indent=2, default=str).encode(), path)
     if verbose:
         for r in res.values():
             print(r.format())

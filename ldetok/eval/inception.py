@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ..runs import atomic_write_bytes
+
 __all__ = [
     "WEIGHTS_NAME",
     "WEIGHTS_URL",
@@ -75,21 +77,6 @@ def _sha1(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write_fn) -> None:
-    """Write through a temp file in the same folder, then ``os.replace`` (no half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fidelity_skeleton():
@@ -172,8 +159,8 @@ def ensure_inception_weights(torch_home: os.PathLike | None = None) -> Path:
     torch.save(sd, buf)
     data = buf.getvalue()
     meta["weights_size"] = len(data)
-    _atomic_write(_sidecar(path), lambda f: f.write(json.dumps(meta, indent=2).encode()))
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write_bytes(json.dumps(meta, indent=2).encode(), _sidecar(path))
+    atomic_write_bytes(data, path)
     return path
 
 
