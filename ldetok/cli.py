@@ -8,7 +8,8 @@
   ldetok reproduce --preset cpu-quick --out runs/repro   (the corruption ablation end to end)
   ldetok main --out runs/main          (the job behind `make run`: reproduce cpu-quick + figures + table)
 
-Every config field can be overridden as ``key=value``; unknown keys and badly typed values are refused
+Every config field can be overridden as ``path=value`` (``corruption.gamma=1``, ``optim.max_steps=200``) or by
+its name alone where unique (``gamma=1``); unknown keys and badly typed values are refused
 before any work starts. Multi-GPU: ``torchrun --nproc_per_node 8 -m ldetok.cli train-tokenizer ...``.
 """
 
@@ -141,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train-tokenizer", help="train (or resume, or extend) a tokenizer run")
     s.add_argument("--preset", default=None, help="a preset name (see `ldetok presets`)")
     s.add_argument("--out", required=True, help="the run folder (resumed automatically if it holds checkpoints)")
-    s.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    s.add_argument("overrides", nargs="*",
+                   help="config overrides, key=value: a dotted path (corruption.gamma=1, optim.max_steps=200) or a "
+                        "unique field name (gamma=1, mask_low=0.7)")
     s.set_defaults(fn=cmd_train_tokenizer)
 
     s = sub.add_parser("eval-tokenizer", help="PSNR / SSIM / LPIPS / rFID of a tokenizer run")
