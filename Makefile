@@ -12,8 +12,10 @@ RUN_DIR ?= runs/main
 
 export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
-export TORCH_HOME ?= $(CURDIR)/.cache/torch
 export MPLBACKEND ?= Agg
+# Weight files live in the user's standard caches (torch hub: $TORCH_HOME, default ~/.cache/torch;
+# Hugging Face: $HF_HOME, default ~/.cache/huggingface): `make run`, `make lab` and the CLI use them.
+# Only the tests use a project-local torch cache (below; tests/conftest.py and .ci/run set the same).
 
 .PHONY: run test install data prereqs clean
 
@@ -56,6 +58,7 @@ prereqs: install  # everything make test needs
 run: data
 	$(BIN)/ldetok main --out $(RUN_DIR)
 
+test: export TORCH_HOME ?= $(CURDIR)/.cache/torch
 test: prereqs
 	$(BIN)/python -m pytest -q
 

@@ -7,6 +7,8 @@
   ldetok presets
   ldetok reproduce --preset cpu-quick --out runs/repro   (the corruption ablation end to end)
   ldetok main --out runs/main          (the job behind `make run`: reproduce cpu-quick + figures + table)
+  ldetok weights list                  (every named weight file: where it is, present or not; no network)
+  ldetok weights download released:detok_BB vgg16   (into the standard caches: torch hub, Hugging Face)
 
 Every config field can be overridden as ``path=value`` (``corruption.gamma=1``, ``optim.max_steps=200``) or by
 its name alone where unique (``gamma=1``); unknown keys and badly typed values are refused
@@ -132,6 +134,24 @@ def cmd_main(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from .weights import TABLE, describe, download
+
+    if args.action == "list":
+        print(f"{'name':32s} {'size':>10s}  {'here':5s} where")
+        for e in TABLE.values():
+            d = describe(e)
+            size = f"{d['size'] / 2**20:.1f} MiB" if d["size"] is not None else "?"
+            note = f"  [{d['note']}]" if d["note"] and not d["present"] else ""
+            print(f"{d['name']:32s} {size:>10s}  {'yes' if d['present'] else 'no':5s} {d['path']}{note}")
+        return 0
+    if not args.names:
+        raise ValueError("name the files to download (see `ldetok weights list`), e.g. released:detok_BB")
+    for name in args.names:
+        print(download(name, progress=not args.quiet))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldetok", description="Latent denoising tokenizers: train, evaluate, demo.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--figures", default="figures")
     s.add_argument("--device", default="auto")
     s.set_defaults(fn=cmd_main)
+
+    s = sub.add_parser("weights", help="the named weight files: list them, download them into the standard caches")
+    s.add_argument("action", choices=("list", "download"))
+    s.add_argument("names", nargs="*", help="for download: names from `ldetok weights list` (vgg16, released:mar_base, ...)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_weights)
 
     from .demo.cli import add_demo_parser  # light: torch and gradio load only when the demo runs
 

@@ -178,8 +178,9 @@ def test_inception_conversion_matches_fid_helper(torch_home):
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
     path = ensure_inception_weights()
-    # exactly where torch-fidelity's load_state_dict_from_url looks
-    assert path == torch_home / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    # next to where torch-fidelity's load_state_dict_from_url looks, under a name it never reads
+    assert path == torch_home / "hub" / "checkpoints" / inception_mod.CONVERTED_NAME
+    assert not (torch_home / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth").exists()
     assert path.parent == __import__("pathlib").Path(torch.hub.get_dir()) / "checkpoints"
     info = weights_info()
     assert info["converted"] and not info["inception_score"] and not inception_score_available()

@@ -24,7 +24,7 @@ PKG = "ldetok"
 # without them) and heavy or slow imports that only one command needs. The standard library is free.
 OPTIONAL = {
     "gradio", "lpips", "papermill", "wandb", "tensorboard", "torch.utils.tensorboard", "torch_fidelity", "scipy",
-    "sklearn", "skimage", "matplotlib", "timm", "tqdm", "torchvision", "PIL", "safetensors",
+    "sklearn", "skimage", "matplotlib", "timm", "tqdm", "torchvision", "PIL", "safetensors", "huggingface_hub",
 }
 
 # Function-level imports of ldetok modules (and of torch) that remain, as {importing module: targets}.

@@ -40,6 +40,7 @@ from ..runs import (RunKind, describe, load_generator_run, load_tokenizer, run_c
 from ..sampling import generate_images
 from ..tokenizers import REGISTRY, OfficialCheckpointError, load_official_detok, load_official_marvae
 from ..viz import image_grid
+from ..weights import MissingWeightsError, is_spec, resolve
 from .images import (MAX_INPUT_SIDE, DemoError, InputImage, _to_uint8, bundled_photo, display_size,
                      fashion_mnist_choices, fashion_mnist_image, prepare_image, read_image, to_display,
                      to_model_input)
@@ -146,9 +147,15 @@ def load_tokenizer_spec(spec) -> DemoTokenizer:
     Accepted: a training run folder (its ``tokenizer/`` export), an exported tokenizer folder
     (``save_tokenizer``), a released l-DeTok ``.pth`` (``detok-BB-gamm3.0-m0.7.pth``, its
     ``-decoder_tuned`` twin, ``vitok-BB.pth``: the size is read from the name, ``detok_BB`` otherwise)
-    or MAR's ``kl16.ckpt``.
+    or MAR's ``kl16.ckpt``; or a released name, ``released:detok_BB`` (``_decoder_tuned``,
+    ``released:vitok_BB``, ``released:marvae``), found in the caches or downloaded (``ldetok.weights``).
     """
     s = parse_spec(spec)
+    if is_spec(s.path.strip()):
+        try:
+            s = TokenizerSpec(str(resolve(s.path.strip())), s.label, s.hint)
+        except (KeyError, MissingWeightsError) as e:
+            raise DemoError(f"{s.path}: {e.args[0]}") from None
     p = Path(s.path).expanduser()
     make = f" Make it with: {s.hint}" if s.hint else ""
     if not p.exists():

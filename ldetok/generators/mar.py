@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..tokenizers import OfficialCheckpointError
+from ..weights import entry, is_spec, resolve
 from .base import Generator, patchify, unpatchify
 from .diffloss import DiffLoss
 
@@ -400,21 +401,27 @@ MAR_models = {f"mar_{size}": _mar_builder(size) for size in MAR_SIZES}
 # ---------------------------------------------------------------------------------------------
 # Released checkpoints
 # ---------------------------------------------------------------------------------------------
-def load_official_mar(path, model: str = "mar_base", ema: bool = True, map_location="cpu", **overrides) -> MAR:
+def load_official_mar(path, model: Optional[str] = None, ema: bool = True, map_location="cpu", **overrides) -> MAR:
     """Load a released MAR checkpoint (l-DeTok's ``mar_base.pth`` / ``mar_large.pth``, or LTH14/mar's).
+
+    ``path``: a file, or ``released:mar_base`` / ``released:mar_large`` (resolved by ``ldetok.weights``:
+    the standard caches, a download where a network exists). ``model`` defaults to the released name's
+    size, else ``mar_base``.
 
     The file is a dict holding ``model`` (a state dict) and ``model_ema`` (EMA parameters by name,
     or a list in parameter order); ``ema=True`` takes the EMA weights, as the official evaluation
     does. Keys and shapes must match exactly. ``overrides`` go to the size builder (``mar_base``...).
     Loaded with ``weights_only=True`` (``argparse.Namespace`` allowed, for LTH14/mar's ``args``).
     """
-    p = Path(path)
+    if model is None:
+        model = entry(path).name if is_spec(path) else "mar_base"
+    p = resolve(path) if is_spec(path) else Path(path)
     err = OfficialCheckpointError
     if not p.exists():
         raise FileNotFoundError(
             f"{p}: no such file. The released l-DeTok generators (mar_base.pth, mar_large.pth) come from the "
-            f"authors' Hugging Face repository jjiaweiyang/l-DeTok (`huggingface-cli download jjiaweiyang/l-DeTok "
-            f"mar_base.pth --local-dir released_model` on a machine with network); pass the downloaded path."
+            f"authors' Hugging Face repository jjiaweiyang/l-DeTok: pass released:mar_base or released:mar_large "
+            f"(downloaded where a network exists; `ldetok weights download released:mar_base`), or a path."
         )
     if model not in MAR_models:
         raise ValueError(f"unknown MAR size {model!r}; expected one of {sorted(MAR_models)}")

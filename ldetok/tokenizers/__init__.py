@@ -8,7 +8,9 @@
 - saving and loading our own tokenizers (safetensors weights + a JSON config) is the run folder's
   job: ``ldetok.runs.save_tokenizer`` / ``ldetok.runs.load_tokenizer``.
 - ``load_official_detok(path, model="detok_BB", ema=True)`` / ``load_official_marvae(path)``: the
-  released checkpoints, strict keys, ``weights_only=True``.
+  released checkpoints, strict keys, ``weights_only=True``; ``path`` may be ``released:detok_BB``,
+  ``released:detok_BB_decoder_tuned``, ``released:vitok_BB`` or ``released:marvae`` (found in the
+  standard caches, downloaded where a network exists: ``ldetok.weights``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable, Dict
 
 import torch
 
+from ..weights import is_spec, resolve
 from .base import DiagonalGaussian, Tokenizer
 from .convvae import CONVVAE_CONFIGS, ConvVAE, build_convvae, load_official_marvae
 from .detok import SIZES, DeTok, DeTokConfig, size_config, split_size_name
@@ -143,18 +146,20 @@ def _match_strict(tok: Tokenizer, state: dict, path, ignore_prefixes=()) -> dict
 
 def load_official_detok(path, model: str = "detok_BB", ema: bool = True, map_location="cpu", **overrides) -> DeTok:
     """Load a released l-DeTok file (``detok-BB-gamm3.0-m0.7.pth``, its ``-decoder_tuned`` twin, or
-    ``vitok-BB.pth``): a dict with ``model`` and ``model_ema`` (parameters only). Strict key matching,
-    ``weights_only=True``. The released files carry no latent statistics: set them with
+    ``vitok-BB.pth``; a path, or ``released:detok_BB`` / ``released:detok_BB_decoder_tuned`` /
+    ``released:vitok_BB``, resolved by ``ldetok.weights``): a dict with ``model`` and ``model_ema``
+    (parameters only). Strict key matching, ``weights_only=True``. The released files carry no latent statistics: set them with
     ``tok.set_latent_stats(mean, std)`` (or collect them) before using ``tokenize``.
     Note: the decoder-tuned file's EMA encoder is the raw pre-training encoder (the official EMA copies
     frozen parameters), which is what the released generators were paired with.
     """
-    p = Path(path)
+    p = resolve(path) if is_spec(path) else Path(path)
     if not p.exists():
         raise FileNotFoundError(
             f"{p}: no such file. The released l-DeTok weights (detok-BB-gamm3.0-m0.7.pth, "
             f"detok-BB-gamm3.0-m0.7-decoder_tuned.pth, vitok-BB.pth) come from the authors' Hugging Face "
-            f"repository jjiaweiyang/l-DeTok; download them on a machine with network and pass the path."
+            f"repository jjiaweiyang/l-DeTok: pass released:detok_BB, released:detok_BB_decoder_tuned or "
+            f"released:vitok_BB (downloaded where a network exists; `ldetok weights download NAME`), or a path."
         )
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..weights import is_spec, resolve
 from .base import Tokenizer
 
 __all__ = [
@@ -395,7 +396,8 @@ def _extract_state_dict(ckpt, path) -> tuple[Mapping[str, torch.Tensor], str]:
 
 
 def load_official_marvae(path, map_location="cpu", **overrides) -> ConvVAE:
-    """Load MAR's released KL-16 VAE (``kl16.ckpt``) strictly into the ``marvae`` config, in eval mode.
+    """Load MAR's released KL-16 VAE (``kl16.ckpt``; a path or ``released:marvae``, resolved by
+    ``ldetok.weights``) strictly into the ``marvae`` config, in eval mode.
 
     The file may hold ``{"model": sd}`` (MAR's layout), ``{"state_dict": sd}`` (LDM/Lightning) or the raw
     state dict. ``loss.*`` keys (an LDM training checkpoint's LPIPS/discriminator) are dropped, counted and
@@ -405,13 +407,13 @@ def load_official_marvae(path, map_location="cpu", **overrides) -> ConvVAE:
     Latent statistics: MAR feeds generators ``posterior.sample() * 0.2325`` with no mean shift, so the
     stats are set to mean 0, std 1 / 0.2325 in every channel; ``tokenize(x) == encode(x) * 0.2325``.
     """
-    path = Path(path)
+    path = resolve(path) if is_spec(path) else Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"MAR KL-16 VAE checkpoint not found: {path}. It is the file `kl16.ckpt` of the MAR release "
-            "(github.com/LTH14/mar, `util/download.py` saves it as pretrained_models/vae/kl16.ckpt; the "
-            "l-DeTok code expects it as pretrained_models/vae/marvae_kl16.ckpt). Download it on a machine "
-            "with network access and pass its path."
+            "(the l-DeTok code reads it as pretrained_models/vae/marvae_kl16.ckpt). Pass its path, or "
+            "released:marvae (`ldetok weights download released:marvae` on a machine with network, or "
+            "set LDETOK_MARVAE_WEIGHTS)."
         )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
