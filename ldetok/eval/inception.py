@@ -172,13 +172,17 @@ def _move_legacy_conversion(torch_home: os.PathLike | None) -> None:
         os.replace(old, new)
 
 
+_DOWNLOAD_FAILED: list[str] = []  # one failed attempt per process is enough
+
+
 def _download_real(torch_home: os.PathLike | None) -> Path | None:
     """The real file downloaded into the standard torch hub cache where the network allows, else None."""
-    if torch_home is not None or W.offline_reason("inception") is not None:
+    if torch_home is not None or _DOWNLOAD_FAILED or W.offline_reason("inception") is not None:
         return None
     try:
         return W.download("inception")
     except W.MissingWeightsError as e:  # a failed download falls back to the conversion
+        _DOWNLOAD_FAILED.append(str(e))
         warnings.warn(f"{e}\nUsing the offline conversion instead (no Inception Score).")
         return None
 

@@ -411,7 +411,8 @@ def load_official_marvae(path, map_location="cpu", **overrides) -> ConvVAE:
     if not path.is_file():
         raise FileNotFoundError(
             f"MAR KL-16 VAE checkpoint not found: {path}. It is the file `kl16.ckpt` of the MAR release "
-            "(the l-DeTok code reads it as pretrained_models/vae/marvae_kl16.ckpt). Pass its path, or "
+            "(github.com/LTH14/mar; the l-DeTok code reads it as pretrained_models/vae/marvae_kl16.ckpt). "
+            "Pass its path, or "
             "released:marvae (`ldetok weights download released:marvae` on a machine with network, or "
             "set LDETOK_MARVAE_WEIGHTS)."
         )
