@@ -53,6 +53,7 @@ def reference(tok_run, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_build_identical_bytes(tok_run, reference, tmp_path):
     out = tmp_path / "two"
     _torchrun(["-m", "ldetok.cli", "cache", str(tok_run), "--flip", "--limit", str(N), "--shard-size", str(SHARD),
@@ -166,3 +167,35 @@ def test_generator_trainer_under_torchrun_builds_the_cache_with_every_rank(tok_r
     # the bytes a single process writes with the same shards
     build_latent_cache(tok, out_dir=tmp_path / "single", shard_size=24)
     _same_cache(cache, tmp_path / "single", arrays=("moments.npy", "labels.npy"))
+
+
+GROUP_TIMEOUT = """
+import sys, time
+from ldetok.engine.distributed import barrier, init_distributed
+info = init_distributed("cpu", timeout_min=0.05)  # 3 s
+if info.rank == 1:
+    time.sleep(8)  # never joins the barrier in time
+    sys.exit(0)
+t = time.monotonic()
+try:
+    barrier()
+except RuntimeError:
+    print(f"timed out after {time.monotonic() - t:.1f} s", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_process_group_timeout_is_configurable(tmp_path):
+    from ldetok.config import RunConfig
+    from ldetok.engine.distributed import init_distributed
+
+    with pytest.raises(ValueError, match="timeout_min"):
+        init_distributed("cpu", timeout_min=0)
+    errs = []
+    RunConfig(dist_timeout_min=0).validate(errs)
+    assert any("dist_timeout_min" in e for e in errs)
+    script = tmp_path / "timeout.py"
+    script.write_text(GROUP_TIMEOUT)
+    out = _torchrun([str(script)], timeout=120)
+    seconds = float(out.split("timed out after ")[1].split()[0])
+    assert 2 < seconds < 7.5  # the group's own timeout, not PyTorch's default
