@@ -2,6 +2,7 @@
 
   ldetok train-tokenizer --preset cpu-fmnist --out runs/tok [key=value ...]
   ldetok eval-tokenizer runs/tok --n 500 [--noise 0.3,0.5,0.7]
+  ldetok cache runs/tok --flip --num-workers 8   (the latent cache; also under torchrun, every rank encoding)
   ldetok train-generator --preset cpu-fmnist --tokenizer runs/tok --out runs/gen model=sit_tiny
   ldetok sample runs/gen --n 64 --cfg 1.5 --out samples/
   ldetok presets
@@ -85,6 +86,25 @@ def cmd_train_generator(args) -> int:
     summary = train_generator(cfg, args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {args.out} at step {summary['step']}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .engine.distributed import cleanup, init_distributed, is_distributed
+    from .latents import build_latent_cache
+
+    owns_group = not is_distributed()
+    info = init_distributed(args.device, timeout_min=args.dist_timeout_min)
+    try:
+        cache = build_latent_cache(args.tokenizer_run, dataset_name=args.dataset, split=args.split, flip=args.flip,
+                                   out_dir=args.out, batch_size=args.batch_size, device=info.device,
+                                   data_root=args.data_root, limit=args.limit, shard_size=args.shard_size,
+                                   num_workers=args.num_workers, verbose=info.is_main)
+    finally:
+        if owns_group:
+            cleanup()
+    if info.is_main:
+        print(f"done: {cache.dir} ({len(cache)} items)")
     return 0
 
 
@@ -185,6 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model=sit_tiny)")
     s.set_defaults(fn=cmd_train_generator)
+
+    s = sub.add_parser("cache", help="encode a dataset into a tokenizer run's latent cache (sharded, resumable; "
+                                     "under torchrun every rank encodes)")
+    s.add_argument("tokenizer_run", help="the tokenizer run (or exported tokenizer) folder")
+    s.add_argument("--flip", action="store_true", help="also encode the horizontally flipped images")
+    s.add_argument("--split", default="train")
+    s.add_argument("--dataset", default=None, help="the dataset (default: the tokenizer run's)")
+    s.add_argument("--data-root", default=None, help="the dataset folder (default: the tokenizer run's)")
+    s.add_argument("--out", default=None, help="the cache folder (default: latents/<dataset>_<split>[_flip] in the run)")
+    s.add_argument("--limit", type=int, default=None, help="encode only the first N items")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--shard-size", type=int, default=None,
+                   help="items per shard, the unit of work and of resumption (default 4096)")
+    s.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dist-timeout-min", type=float, default=None,
+                   help="minutes a collective waits for the slowest rank under torchrun (default 240)")
+    s.set_defaults(fn=cmd_cache)
 
     s = sub.add_parser("sample", help="sample images from a generator run (a PNG grid and the PNGs)")
     s.add_argument("run_dir")

@@ -111,6 +111,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
     num_workers: int = 0  # DataLoader worker processes
+    dist_timeout_min: float = 240.0  # minutes a torchrun collective waits for the slowest rank (= init_distributed's default)
     log_every: int = 20
     ckpt_every: int = 200
     keep_ckpts: int = 2
@@ -126,6 +127,8 @@ class RunConfig:
                 errs.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.milestone_every < 0:
             errs.append("num_workers and milestone_every must be >= 0")
+        if not self.dist_timeout_min > 0:
+            errs.append(f"dist_timeout_min must be > 0 (minutes), got {self.dist_timeout_min}")
 
 
 # ---------------------------------------------------------------------------------------------

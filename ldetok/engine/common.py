@@ -17,7 +17,7 @@ __all__ = ["autocast_ctx", "ema_decay_at", "check_resume_config", "gather_rng_st
 # Config fields (by leaf name) that may change between a run and its resumption (length, bookkeeping,
 # placement, sampling for logs).
 RESUME_FREE_KEYS = {"max_steps", "epochs", "log_every", "image_every", "sample_every", "ckpt_every", "keep_ckpts",
-                    "milestone_every", "tensorboard", "wandb_project", "num_workers", "device",
+                    "milestone_every", "tensorboard", "wandb_project", "num_workers", "device", "dist_timeout_min",
                     "sample_guidance_scale", "sample_steps", "sample_temperature"}
 
 

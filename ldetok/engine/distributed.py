@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "DEFAULT_TIMEOUT_MIN",
     "DistInfo",
     "all_reduce_mean",
     "all_reduce_sum",
@@ -99,8 +101,21 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"Environment variable {name}={raw!r} is not an integer.") from e
 
 
-def init_distributed(device: str | torch.device = "auto") -> DistInfo:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and set up the process group if needed."""
+# Collectives wait this long for the slowest rank before the group aborts. PyTorch's own default (10
+# minutes for NCCL) is shorter than stages where some ranks legitimately wait for others (rank 0 writing
+# a latent cache's header, evaluation on rank 0, a slow shared filesystem).
+DEFAULT_TIMEOUT_MIN = 240.0
+
+
+def init_distributed(device: str | torch.device = "auto", timeout_min: float | None = None) -> DistInfo:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and set up the process group if needed.
+
+    ``timeout_min``: how long a collective waits before the group aborts (``DEFAULT_TIMEOUT_MIN`` when
+    None); it applies when this call creates the group.
+    """
+    timeout_min = DEFAULT_TIMEOUT_MIN if timeout_min is None else timeout_min
+    if not (isinstance(timeout_min, (int, float)) and timeout_min > 0):
+        raise ValueError(f"timeout_min must be a number of minutes > 0, got {timeout_min!r}")
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -147,7 +162,8 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
             # Binding the group to the device lets NCCL set up eagerly and silences barrier warnings.
             kwargs["device_id"] = dev
         dist.init_process_group(
-            backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs
+            backend=backend, init_method="env://", rank=rank, world_size=world_size,
+            timeout=timedelta(minutes=timeout_min), **kwargs
         )
     return DistInfo(
         rank=rank,

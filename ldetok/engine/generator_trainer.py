@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..config import GeneratorTrainConfig
 from ..data import build_dataset
 from ..generators import build_generator
-from ..latents import LatentCache, build_latent_cache
+from ..latents import build_latent_cache
 from ..runs import RunLayout, load_tokenizer, run_train_config, save_generator
 from ..viz import save_grid
 from .distributed import barrier
@@ -41,11 +41,9 @@ class GeneratorTrainer(Trainer):
         tcfg = run_train_config(tok_run)
         self.latent_shape = self.tokenizer.latent_shape(tcfg.model.image_size)
         if cfg.latents == "cache":
-            if d.is_main:
-                build_latent_cache(tok_run, split="train", flip=cfg.flip, out_dir=cfg.cache_dir, device=self.device,
-                                   verbose=True)
-            barrier()
-            self.cache = LatentCache(cfg.cache_dir or RunLayout(tok_run).latent_cache(tcfg.data.dataset, "train", cfg.flip))
+            # every rank encodes its share of the shards (rank 0 alone would take hours on ImageNet)
+            self.cache = build_latent_cache(tok_run, split="train", flip=cfg.flip, out_dir=cfg.cache_dir,
+                                            device=self.device, num_workers=cfg.run.num_workers, verbose=d.is_main)
             self.cache.check_tokenizer(self.tokenizer, tok_run)
             n_data, num_classes = len(self.cache), self.cache.num_classes
         else:

@@ -72,7 +72,7 @@ class Trainer:
     def __init__(self, cfg, run_dir, dist: Optional[DistInfo] = None):
         self.cfg = cfg = cfg.validate()
         self.run_dir = Path(run_dir)
-        self.dist = d = dist or init_distributed(cfg.run.device)
+        self.dist = d = dist or init_distributed(cfg.run.device, timeout_min=cfg.run.dist_timeout_min)
         self.device = d.device
         torch.manual_seed(cfg.run.seed + d.rank)
         self.logger = RunLogger(self.run_dir, is_main=d.is_main, tensorboard=cfg.run.tensorboard,
