@@ -38,8 +38,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..runs import RunLayout
-from .checkpoint import CheckpointManager
 from ..tokenizers import Tokenizer
+from .checkpoint import CheckpointManager
 from .common import (autocast_ctx, compile_forward, compiled_frames, configure_tf32, eager_forward, ema_decay_at,
                      enable_grad_checkpointing, gather_rng_states, load_resume_state)
 from .distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed, unwrap_model
