@@ -4,6 +4,7 @@ switches, EMA warm-up, resume checks, per-rank RNG streams."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 from dataclasses import asdict
 from typing import Callable, List, Optional
@@ -78,10 +79,11 @@ def eager_forward(module: nn.Module) -> nn.Module:
 
 
 def compiled_frames() -> int:
-    """Frames torch.compile has compiled in this process so far (first compiles and recompiles)."""
-    from torch._dynamo.utils import counters  # imported when asked: only compiled runs need dynamo
-
-    return int(counters["frames"]["ok"])
+    """Frames torch.compile has compiled in this process so far (first compiles and recompiles). Read from
+    dynamo's counters when dynamo is loaded (``torch.compile`` loads it); importing it costs ~1 s, and a
+    process that never compiled has compiled nothing."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else int(utils.counters["frames"]["ok"])
 
 
 def enable_grad_checkpointing(model: nn.Module) -> List[str]:
