@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from ldetok.engine.common import configure_tf32  # noqa: E402
 from ldetok.engine.optim import build_adamw, param_groups  # noqa: E402
 from ldetok.generators import build_generator  # noqa: E402
 
@@ -38,6 +39,8 @@ def bench(name, a, dev):
     shape = tuple(int(v) for v in a.latent.split(","))
     torch.manual_seed(0)
     g = build_generator(name, latent_shape=shape, num_classes=10).to(dev).train()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     opt = build_adamw(param_groups(g, 0.0)[0], 1e-4, 0.0)
     z = torch.randn(a.batch, *shape, device=dev)
     y = torch.randint(0, 10, (a.batch,), device=dev)
@@ -71,7 +74,8 @@ def bench(name, a, dev):
     return {"model": name, "params_M": round(g.num_params() / 1e6, 3), "latent": list(shape), "batch": a.batch,
             "train_ms_per_step": round(train_ms, 1), "train_img_per_s": round(a.batch / train_ms * 1000, 1),
             "sample_n": a.sample_n, "sample_cfg": a.cfg, "sample_steps": kw.get("steps", "family default"),
-            "sample_img_per_s": round(a.sample_n / sample_s, 2), "device": str(dev), "threads": torch.get_num_threads()}
+            "sample_img_per_s": round(a.sample_n / sample_s, 2), "device": str(dev), "threads": torch.get_num_threads(),
+            "peak_mem_MiB": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None}
 
 
 def main(argv=None):
@@ -86,10 +90,12 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-tf32", action="store_true", help="CUDA: full fp32 matmuls (TF32 is on by default)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
+    configure_tf32(dev, not a.no_tf32)
     rows = [bench(m, a, dev) for m in a.models.split(",")]
     for r in rows:
         print(json.dumps(r))

@@ -118,6 +118,13 @@ class RunConfig:
     milestone_every: int = 0
     tensorboard: bool = True
     wandb_project: Optional[str] = None
+    # ---- throughput (how a run executes; none of them changes what a CPU run computes) ------------
+    tf32: bool = True  # TF32 matmuls/convolutions on CUDA (no effect on CPU); tf32=false for full fp32
+    compile: bool = False  # torch.compile the model's forward passes (tokenizer encoder/decoder, generator)
+    # Recompute each transformer block in backward (less activation memory, ~1/3 more compute). A run
+    # setting, not a model one: it changes neither the weights nor the math, so the exported model does not
+    # carry it and a run may turn it on when it resumes (e.g. after running out of memory).
+    grad_checkpointing: bool = False
 
     def validate(self, errs: List[str]) -> None:
         if self.precision not in PRECISIONS:

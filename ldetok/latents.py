@@ -388,7 +388,8 @@ class LatentCache(torch.utils.data.Dataset):
         item takes the flipped moments with probability 1/2. Draws from ``generator``: flips, then samples."""
         mom, mom_f, labels = read
         if mom_f is not None:
-            flip = torch.rand(len(mom), generator=generator) < 0.5
+            dev = generator.device if generator is not None else "cpu"  # a CUDA generator draws on CUDA
+            flip = (torch.rand(len(mom), generator=generator, device=dev) < 0.5).cpu()
             if flip.any():
                 mom = torch.where(flip.view(-1, 1, 1, 1), mom_f, mom)
         mom = mom.to(device)

@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["RMSNorm", "SwiGLU", "Attention", "Block", "rotate_pairs", "apply_rope"]
+__all__ = ["RMSNorm", "SwiGLU", "Attention", "Block", "rotate_pairs", "apply_rope", "run_blocks"]
 
 
 def RMSNorm(dim: int, eps: float = 1e-6) -> nn.RMSNorm:
@@ -93,3 +94,13 @@ class Block(nn.Module):
     def forward(self, x, rope=None, attn_mask=None):
         x = x + self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask)
         return x + self.mlp(self.norm2(x))
+
+
+def run_blocks(blocks, x: torch.Tensor, grad_checkpointing: bool = False, **kwargs) -> torch.Tensor:
+    """``x`` through ``blocks`` in order (each called as ``blk(x, **kwargs)``). With ``grad_checkpointing``
+    (and autograd recording) each block's activations are recomputed in backward instead of stored: the
+    same gradients for ~1/3 more compute. The blocks draw no randomness, so no RNG state is stashed."""
+    recompute = grad_checkpointing and torch.is_grad_enabled()
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False, preserve_rng_state=False, **kwargs) if recompute else blk(x, **kwargs)
+    return x

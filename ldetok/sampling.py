@@ -1,5 +1,7 @@
 """Sampling from a generator run: class-balanced batches, decoded by the run's tokenizer, written as
-PNG (rounded to 8 bits from float32, not truncated) plus a grid and the protocol."""
+PNG (rounded to 8 bits from float32, not truncated) plus a grid and the protocol. On CUDA the generator
+and the decoder run under bf16 autocast (``precision="auto"``; ``"fp32"`` turns it off), with TF32 on;
+on a CPU everything stays float32."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 
 from . import data
+from .engine.common import autocast_ctx, configure_tf32, effective_precision
 from .engine.distributed import resolve_device
 from .runs import load_generator_run
 from .viz import save_grid
@@ -28,9 +31,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def generate_images(gen, tok, n: int, guidance_scale: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
-                    seed: int = 0, batch_size: int = 100, labels: Optional[Sequence[int]] = None):
-    """n images in [-1, 1] and their labels, sampled at classifier-free ``guidance_scale``;
-    class-balanced (label i % num_classes) unless given."""
+                    seed: int = 0, batch_size: int = 100, labels: Optional[Sequence[int]] = None,
+                    precision: str = "auto"):
+    """n images in [-1, 1] (float32) and their labels, sampled at classifier-free ``guidance_scale``;
+    class-balanced (label i % num_classes) unless given. ``precision``: "auto" (bf16 autocast on CUDA,
+    float32 elsewhere), "bf16" or "fp32"."""
     device = next(gen.parameters()).device
     if labels is None:
         labels = (torch.arange(n) % gen.num_classes).tolist() if gen.num_classes else [None] * n
@@ -40,21 +45,24 @@ def generate_images(gen, tok, n: int, guidance_scale: float = 1.0, steps: Option
     for i in range(0, n, batch_size):
         lab = labels[i:min(n, i + batch_size)]
         y = None if lab[0] is None else torch.tensor(lab, device=device)
-        z = gen.sample(len(lab), labels=y, guidance_scale=guidance_scale, steps=steps, temperature=temperature, generator=g)
-        out.append(tok.detokenize(z.float()).float().cpu())
+        with autocast_ctx(device, precision):
+            z = gen.sample(len(lab), labels=y, guidance_scale=guidance_scale, steps=steps, temperature=temperature,
+                           generator=g)
+            x = tok.detokenize(z.float())
+        out.append(x.float().cpu())
         out_labels += lab
     return torch.cat(out), out_labels
 
 
 def sample_run(run_dir, n: int = 64, guidance_scale: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
                out=None, seed: int = 0, batch_size: int = 100, device: str = "auto",
-               labels: Optional[Sequence[int]] = None) -> Path:
+               labels: Optional[Sequence[int]] = None, precision: str = "auto", tf32: bool = True) -> Path:
     from PIL import Image
 
-
     dev = resolve_device(device)
+    configure_tf32(dev, tf32)
     gen, tok, meta = load_generator_run(run_dir, dev)
-    images, labs = generate_images(gen, tok, n, guidance_scale, steps, temperature, seed, batch_size, labels)
+    images, labs = generate_images(gen, tok, n, guidance_scale, steps, temperature, seed, batch_size, labels, precision)
     out = Path(out or Path(run_dir) / "samples")
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, lab) in enumerate(zip(to_uint8(images), labs)):
@@ -62,7 +70,8 @@ def sample_run(run_dir, n: int = 64, guidance_scale: float = 1.0, steps: Optiona
     per_row = min(10, max(1, gen.num_classes)) if labels is None and gen.num_classes else 8
     save_grid(images[: min(n, 100)], out / "grid.png", nrow=per_row)
     protocol = {"run": str(run_dir), "model": meta.get("name"), "n": n, "cfg": guidance_scale, "steps": steps,
-                "temperature": temperature, "seed": seed, "ema": meta.get("ema", True),
+                "temperature": temperature, "seed": seed,
+                "precision": effective_precision(dev, precision), "ema": meta.get("ema", True),
                 "tokenizer": meta.get("tokenizer"), "class_balanced": labels is None}
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2))
     print(f"wrote {n} samples and grid.png to {out}")

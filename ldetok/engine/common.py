@@ -1,32 +1,104 @@
-"""Pieces both trainers share: precision, EMA warm-up, resume checks, per-rank RNG streams."""
+"""Pieces both trainers share: precision (bf16 autocast, TF32), torch.compile and gradient checkpointing
+switches, EMA warm-up, resume checks, per-rank RNG streams."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+import sys
+import types
+from dataclasses import asdict
+from typing import Callable, List, Optional
 
 import torch
+import torch.nn as nn
 
-from ..config import config_diff
+from ..config import config_diff, flatten
 from .checkpoint import capture_rng_state, restore_rng_state
 from .distributed import DistInfo, gather_objects
 
-__all__ = ["autocast_ctx", "ema_decay_at", "check_resume_config", "gather_rng_states", "restore_rng_states",
+__all__ = ["autocast_ctx", "effective_precision", "configure_tf32", "compile_forward", "eager_forward", "compiled_frames",
+           "enable_grad_checkpointing", "ema_decay_at", "check_resume_config", "gather_rng_states", "restore_rng_states",
            "RESUME_FREE_KEYS", "load_resume_state"]
 
 # Config fields (by leaf name) that may change between a run and its resumption (length, bookkeeping,
 # placement, sampling for logs).
 RESUME_FREE_KEYS = {"max_steps", "epochs", "log_every", "image_every", "sample_every", "ckpt_every", "keep_ckpts",
                     "milestone_every", "tensorboard", "wandb_project", "num_workers", "device", "dist_timeout_min",
-                    "sample_guidance_scale", "sample_steps", "sample_temperature"}
+                    "sample_guidance_scale", "sample_steps", "sample_temperature",
+                    # execution strategies: a resumed run may switch them (compile changes rounding only)
+                    "compile", "grad_checkpointing"}
 
 
-def autocast_ctx(device: torch.device, precision: str):
-    """bf16 autocast on CUDA ("auto"), or when asked for explicitly; fp32 otherwise (bf16 on these CPUs
-    is ~20x slower)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+def effective_precision(device, precision: str) -> str:
+    """"bf16" on CUDA for "auto", or when asked for explicitly; "fp32" otherwise (bf16 on these CPUs is
+    ~20x slower)."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda") else "fp32"
+
+
+def autocast_ctx(device, precision: str):
+    """bf16 autocast where ``effective_precision`` says so; no autocast (float32) otherwise."""
+    if effective_precision(device, precision) == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def configure_tf32(device, enabled: bool) -> bool:
+    """TF32 for float32 matmuls and cuDNN convolutions on CUDA (process-wide; set once where a trainer or
+    command resolves its device). Nothing is touched on other devices, so CPU results do not change.
+    Returns whether TF32 is now on. (The legacy flags: reading them after the newer ``fp32_precision``
+    setters raises in recent torch, and ``set_float32_matmul_precision`` would also change CPU matmuls.)"""
+    if torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    return bool(enabled)
+
+
+# Inductor options for the compiled passes. ``size_asserts`` off: with a symbolic token count (the masked
+# encoder), torch 2.14's inductor checks the inputs of the CPU attention backward kernel against strides
+# specialised to the first shape it saw and fails on the next mask ratio, although the kernel takes any
+# strides; compiled outputs and gradients were checked against eager over several token counts
+# (tests/test_throughput.py).
+COMPILE_OPTIONS = {"size_asserts": False}
+
+
+def compile_forward(module: nn.Module, dynamic: Optional[bool] = None) -> nn.Module:
+    """Replace ``module.forward`` by a ``torch.compile``d one, in place (the state dict, DDP, EMA and
+    ``deepcopy`` see the same module: the compiled function is re-bound to a copy). ``dynamic=None``:
+    automatic dynamic shapes, so a changing size (the encoder's kept-token count) costs one recompile,
+    after which that dimension is symbolic. ``eager_forward`` undoes it."""
+    fn = torch.compile(type(module).forward, dynamic=dynamic, options=dict(COMPILE_OPTIONS))
+    module.forward = types.MethodType(fn, module)
+    return module
+
+
+def eager_forward(module: nn.Module) -> nn.Module:
+    """Undo ``compile_forward`` (the class's eager forward again)."""
+    module.__dict__.pop("forward", None)
+    return module
+
+
+def compiled_frames() -> int:
+    """Frames torch.compile has compiled in this process so far (first compiles and recompiles). Read from
+    dynamo's counters when dynamo is loaded (``torch.compile`` loads it); importing it costs ~1 s, and a
+    process that never compiled has compiled nothing."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else int(utils.counters["frames"]["ok"])
+
+
+def enable_grad_checkpointing(model: nn.Module) -> List[str]:
+    """Turn on gradient checkpointing in every submodule that supports it (a ``grad_checkpointing``
+    attribute: the ViT trunks of l-DeTok, the DiT family, MAR and its diffusion head, the AR models);
+    returns their names. A model without any is refused, naming it."""
+    names = [name or type(model).__name__ for name, m in model.named_modules()
+             if isinstance(getattr(m, "grad_checkpointing", None), bool)]
+    if not names:
+        raise ValueError(f"grad_checkpointing=true: {type(model).__name__} has no gradient checkpointing "
+                         "(supported: detok tokenizers and the transformer generators)")
+    for _, m in model.named_modules():
+        if isinstance(getattr(m, "grad_checkpointing", None), bool):
+            m.grad_checkpointing = True
+    return names
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
@@ -35,7 +107,11 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
-def check_resume_config(saved: dict, current: dict, path) -> None:
+def check_resume_config(saved: dict, current: dict, path, defaults: Optional[dict] = None) -> None:
+    """Refuse to resume when a field outside ``RESUME_FREE_KEYS`` changed. Fields a checkpoint predates
+    count as their ``defaults`` (the config class's), so adding a config field keeps old runs resumable."""
+    if defaults is not None:
+        saved = {**flatten(defaults), **flatten(saved)}
     diff = {k: v for k, v in config_diff(saved, current).items() if k.rsplit(".", 1)[-1] not in RESUME_FREE_KEYS}
     if diff:
         raise ValueError(f"{path} was trained with a different config; differing keys: "
@@ -60,14 +136,12 @@ def restore_rng_states(rngs: list, dist: DistInfo, gen: torch.Generator, log: Ca
 def load_resume_state(ckpts, cfg, dist: DistInfo, gen: torch.Generator, log: Callable[[str], None], device):
     """The newest readable checkpoint's state (None when there is none), after checking that it was
     trained with the same config and restoring this rank's RNG streams; the caller loads its modules."""
-    from dataclasses import asdict
-
     state, path = ckpts.auto_resume(map_location=device)
     for bad in ckpts.skipped:
         log(f"skipped unreadable checkpoint {bad}")
     if state is None:
         return None
-    check_resume_config(state["config"], asdict(cfg), path)
+    check_resume_config(state["config"], asdict(cfg), path, defaults=asdict(type(cfg)()))
     restore_rng_states(state["rngs"], dist, gen, log)
     log(f"resumed from step {int(state['step'])} ({path})")
     return state

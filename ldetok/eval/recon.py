@@ -3,7 +3,9 @@
 Differences from the official l-DeTok ``evaluate_tokenizer`` (worth knowing when comparing numbers):
 - exactly the first ``n`` images of the dataset, each once (the official PSNR averages over a
   DistributedSampler that pads with duplicates);
-- fp32 decoding, uint8 by rounding for Inception (the official code truncates bf16 outputs);
+- float32 on a CPU; on CUDA the tokenizer runs under bf16 autocast (``precision="auto"``; "fp32" turns it
+  off) and its outputs are cast to float32 before any metric; uint8 by rounding for Inception (the
+  official code truncates bf16 outputs);
 - SSIM and optional LPIPS in addition to PSNR/rFID; rFID against the same ``n`` real images (cached).
 
 References: Wang et al. 2004 (SSIM); Zhang et al. 2018 (LPIPS); Heusel et al. 2017 (FID).
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..corruption import apply_noise, image_noise
+from ..engine.common import autocast_ctx, effective_precision
 from ..engine.distributed import broadcast_object, gather_objects, get_rank, get_world_size
 from .fid import (
     InceptionFeatures,
@@ -99,25 +102,30 @@ def ssim(
 # ---- reconstructions of noised latents ----------------------------------------------------------
 @torch.no_grad()
 def reconstruct_noised(tokenizer, x: torch.Tensor, level: float, gamma: float, noise_type: str, seed: int,
-                       indices) -> torch.Tensor:
+                       indices, precision: str = "auto") -> torch.Tensor:
     """``decode(apply_noise(encode(x), level, gamma, noise_type, ε)).clamp(-1, 1)`` in float32, ε from
     ``image_noise(seed, indices)`` (``indices``: the images' indices in the evaluation set). The raw
-    latents (posterior mean) are noised: the tokenizer's own training corruption at that level."""
+    latents (posterior mean) are noised: the tokenizer's own training corruption at that level. Encoder
+    and decoder run under ``autocast_ctx(x.device, precision)``; the latents are noised in float32."""
     if len(indices) != x.shape[0]:
         raise ValueError(f"{x.shape[0]} images but {len(indices)} indices")
-    z = tokenizer.encode(x)
+    with autocast_ctx(x.device, precision):
+        z = tokenizer.encode(x).float()
     eps = image_noise(z.shape[1:], seed, indices).to(z)
-    return tokenizer.decode(apply_noise(z, float(level), float(gamma), noise_type, noise=eps)).float().clamp(-1.0, 1.0)
+    z = apply_noise(z, float(level), float(gamma), noise_type, noise=eps)
+    with autocast_ctx(x.device, precision):
+        rec = tokenizer.decode(z)
+    return rec.float().clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
 def psnr_under_noise(tokenizer, x: torch.Tensor, levels, gamma: float = 3.0, noise_type: str = "interpolative",
-                     seed: int = 0, indices=None, batch_size: int = 200, device=None) -> dict:
+                     seed: int = 0, indices=None, batch_size: int = 200, device=None, precision: str = "auto") -> dict:
     """Per-image PSNR and SSIM of ``x`` (images in [-1, 1]) against ``reconstruct_noised`` at each noise
     level: ``{level: {"psnr": (N,), "ssim": (N,)}}`` (float32, CPU). ``indices`` are the images' indices in
     the evaluation set (default ``0 .. N-1``); each image's ε is seeded by (``seed``, its index), so the
     values do not depend on ``batch_size``, on the other images of a batch, or on the rank evaluating it.
-    ``device``: where to decode (default the tokenizer's)."""
+    ``device``: where to decode (default the tokenizer's); ``precision`` as ``reconstruct_noised``."""
     indices = list(range(len(x))) if indices is None else [int(i) for i in indices]
     if len(indices) != len(x):
         raise ValueError(f"{len(x)} images but {len(indices)} indices")
@@ -133,7 +141,8 @@ def psnr_under_noise(tokenizer, x: torch.Tensor, levels, gamma: float = 3.0, noi
             per = {"psnr": [], "ssim": []}
             for lo in range(0, len(x), batch_size):
                 xb = x[lo:lo + batch_size].to(dev).float()
-                rec = reconstruct_noised(tokenizer, xb, t, gamma, noise_type, seed, indices[lo:lo + batch_size])
+                rec = reconstruct_noised(tokenizer, xb, t, gamma, noise_type, seed, indices[lo:lo + batch_size],
+                                         precision)
                 per["psnr"].append(psnr(rec, xb)[1])
                 per["ssim"].append(ssim(rec, xb)[1])
             out[float(t)] = {k: torch.cat(v) for k, v in per.items()}
@@ -192,6 +201,7 @@ def evaluate_reconstruction(
     cache_dir=None,
     protocol_extra: dict | None = None,
     num_workers: int = 0,
+    precision: str = "auto",
 ) -> dict:
     """PSNR / SSIM / LPIPS / rFID of ``tokenizer`` on the first ``n`` images, as ``MetricResult``s.
 
@@ -207,6 +217,8 @@ def evaluate_reconstruction(
     - ``lpips_fn(x, y)`` -> per-image distances for images in [-1, 1]; without it LPIPS is reported
       unavailable with the reason.
     - ``protocol_extra`` (e.g. ``{"ema": True}``) is added to every metric's protocol.
+    - ``precision``: "auto" (bf16 autocast for the tokenizer on CUDA, float32 elsewhere), "bf16" or "fp32";
+      recorded in every metric's protocol.
     - Under ``torch.distributed`` each rank takes indices ``rank::world``; everything is gathered and
       every rank gets the same results (rank 0 writes the cache).
     """
@@ -231,7 +243,7 @@ def evaluate_reconstruction(
     noise = None if noise_level is None else (noise_level, gamma, noise_type, noise_seed)
     per, seen, resolution, need_real = _reconstruct_all(
         tokenizer, source, indices, batch_size, device, noise, lpips_fn, extractor if compute_rfid else None,
-        resolution, need_real, check_cache)
+        resolution, need_real, check_cache, precision)
     if seen < len(indices):
         raise ValueError(f"the data ran out after {seen} images on rank {rank}; expected {len(indices)}")
 
@@ -244,12 +256,13 @@ def evaluate_reconstruction(
         noise = None if noise_level is None else (f"{noise_type} t={noise_level:g} gamma={gamma:g} (raw latents, "
                                                   f"per-image noise seed {noise_seed})")
         results = _summarise(merged, n, resolution, dataset_key, split, reference, compute_rfid, need_real, lpips_fn,
-                             noise, extractor, cache_dir, protocol_extra or {})
+                             noise, extractor, cache_dir,
+                             {"precision": effective_precision(device, precision), **(protocol_extra or {})})
     return broadcast_object(results)
 
 
 def _reconstruct_all(tokenizer, source, indices, batch_size, device, noise, lpips_fn, extractor, resolution,
-                     need_real, check_cache):
+                     need_real, check_cache, precision: str = "auto"):
     """The per-image metrics of every batch of ``source`` (clean, or noised as ``noise`` =
     (level, gamma, type, seed) says); ``resolution`` and ``need_real`` are found on the first batch
     when not known yet. Returns (per-image lists, images seen, resolution, need_real)."""
@@ -267,9 +280,11 @@ def _reconstruct_all(tokenizer, source, indices, batch_size, device, noise, lpip
                     resolution = _resolution(x)
                     need_real = check_cache(resolution)
                 if noise is None:
-                    rec = tokenizer.reconstruct(x)
+                    with autocast_ctx(device, precision):
+                        rec = tokenizer.reconstruct(x)
                 else:
-                    rec = reconstruct_noised(tokenizer, x, *noise[:3], noise[3], indices[seen:seen + x.shape[0]])
+                    rec = reconstruct_noised(tokenizer, x, *noise[:3], noise[3], indices[seen:seen + x.shape[0]],
+                                             precision)
                 _batch_metrics(per, rec.float(), x, lpips_fn, extractor, need_real)
                 seen += x.shape[0]
                 if seen >= len(indices):

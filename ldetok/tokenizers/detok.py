@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..layers import Block, RMSNorm
+from ..layers import Block, RMSNorm, run_blocks
 from .base import DiagonalGaussian, Tokenizer
 
 __all__ = ["DeTokConfig", "DeTok", "SIZES", "detok_rope_table"]
@@ -113,6 +113,7 @@ class _ViT(nn.Module):
         cos, sin = detok_rope_table(width // heads, grid, grid)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpointing = False  # recompute each block in backward (``run.grad_checkpointing``)
 
     def rope(self, ids: Optional[torch.Tensor]):
         """RoPE rows for all tokens, or gathered at ``ids`` (B, K) for the visible ones; shaped (B|1, 1, K, D)."""
@@ -121,9 +122,7 @@ class _ViT(nn.Module):
         return self.rope_cos[ids].unsqueeze(1), self.rope_sin[ids].unsqueeze(1)
 
     def run(self, x, rope, attn_mask=None):
-        x = self.ln_pre(x)
-        for blk in self.transformer:
-            x = blk(x, rope=rope, attn_mask=attn_mask)
+        x = run_blocks(self.transformer, self.ln_pre(x), self.grad_checkpointing, rope=rope, attn_mask=attn_mask)
         return self.ln_post(x)
 
 
