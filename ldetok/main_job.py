@@ -85,13 +85,11 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
 
 
 def _samples_figure(grids: Dict[str, Path], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
     from PIL import Image
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 4.0), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(grids), 4.0))
+    axes = fig.subplots(1, len(grids), squeeze=False)
     for ax, (label, p) in zip(axes[0], grids.items()):
         ax.imshow(Image.open(p))
         ax.set_title(label, fontsize=9)
@@ -100,4 +98,3 @@ def _samples_figure(grids: Dict[str, Path], path: Path, title: str) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)

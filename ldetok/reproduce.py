@@ -531,10 +531,8 @@ def _plot_budget(groups, metrics, preset, figures: Path) -> None:
     """Each metric against the budget (tokenizer + generator steps, log axis), one line per variant, the
     seeds' mean with their standard deviation as error bars; one figure per generator family, and a
     four-panel figure of the key metrics (ceiling, gFID, modelability, generator loss) when measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
 
     figures.mkdir(parents=True, exist_ok=True)
     def rank(m: str) -> int:
@@ -550,7 +548,8 @@ def _plot_budget(groups, metrics, preset, figures: Path) -> None:
                 continue
             ncols = min(4, len(ms))
             nrows = math.ceil(len(ms) / ncols)
-            fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.9 * nrows), squeeze=False)
+            fig = Figure(figsize=(3.4 * ncols, 2.9 * nrows))
+            axes = fig.subplots(nrows, ncols, squeeze=False)
             for ax, m in zip(axes.flat, ms):
                 for v in [v for v in PAPER_VARIANTS if any(k[3] == v for k in groups)]:
                     pts = sorted((k[0] + k[1], [float(r[m]) for r in rs if r.get(m) not in (None, "")])
@@ -573,4 +572,3 @@ def _plot_budget(groups, metrics, preset, figures: Path) -> None:
             fig.suptitle(f"ldetok reproduce --preset {preset}: {fam}", fontsize=9)
             fig.tight_layout()
             fig.savefig(figures / f"reproduce_{preset}_{fam}{suffix}.png", dpi=110)
-            plt.close(fig)

@@ -101,16 +101,14 @@ def plot_corruption_sweeps(tokenizers: Dict[str, object], x: torch.Tensor, path,
                            gamma: float = 3.0, noise_type: str = "interpolative", seed: int = 18,
                            title: Optional[str] = None) -> Path:
     """One figure: for each tokenizer, a row block of noise sweep and mask sweep of each image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no backend switch
 
     names = list(tokenizers)
     n_img = x.shape[0]
     cols = 1 + len(levels)
     rows = len(names) * n_img * 2
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.95, rows * 1.0 + 0.6), squeeze=False)
+    fig = Figure(figsize=(cols * 0.95, rows * 1.0 + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ti, name in enumerate(names):
         sw = corruption_sweeps(tokenizers[name], x, levels, ratios, gamma, noise_type, seed)
         for i in range(n_img):
@@ -131,5 +129,4 @@ def plot_corruption_sweeps(tokenizers: Dict[str, object], x: torch.Tensor, path,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
