@@ -161,10 +161,7 @@ class TokenizerTrainConfig:
         errs: List[str] = []
         self.optim.validate(errs)
         self.run.validate(errs)
-        try:
-            self.corruption.validate()
-        except ValueError as e:
-            errs += str(e).splitlines()[1:]
+        errs += self.corruption.errors()
         if self.stage not in STAGES:
             errs.append(f"stage must be one of {'|'.join(STAGES)}, got {self.stage!r}")
         if self.stage == "decoder_ft" and not self.init_from:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -260,7 +260,8 @@ class CorruptionConfig:
     mask_low: float = -0.1  # a constant ratio M when mask_low = M (the paper's constant-vs-random ablation)
     mask_mode: str = "batch"  # "batch" (official: one ratio per forward) or "sample" (one per image)
 
-    def validate(self) -> "CorruptionConfig":
+    def errors(self) -> List[str]:
+        """Every problem with these settings (empty when they are valid)."""
         errs = []
         if self.noise_type not in NOISE:
             errs.append(f"noise_type must be one of {tuple(NOISE)}, got {self.noise_type!r}")
@@ -276,6 +277,10 @@ class CorruptionConfig:
             errs.append(f"mask_low ({self.mask_low}) must not exceed max_mask_ratio ({self.max_mask_ratio})")
         if self.gamma < 0:
             errs.append(f"gamma must be >= 0, got {self.gamma}")
+        return errs
+
+    def validate(self) -> "CorruptionConfig":
+        errs = self.errors()
         if errs:
             raise ValueError("invalid corruption config:\n  " + "\n  ".join(errs))
         return self

@@ -19,7 +19,6 @@ import torch
 
 from .config import (VARIANTS, GeneratorTrainConfig, TokenizerTrainConfig, resolve_generator_config,
                      resolve_tokenizer_config)
-from .corruption import CorruptionConfig
 from .data import build_dataset
 from .engine.distributed import resolve_device
 from .engine.generator_trainer import train_generator
@@ -28,7 +27,7 @@ from .engine.stats import fetch_batch
 from .engine.tokenizer_trainer import train_tokenizer
 from .eval.recon import psnr, psnr_under_noise
 from .runs import RunKind, atomic_write_json, generator_meta, run_kind, tokenizer_meta
-from .runs import run_corruption as _run_corruption
+from .runs import run_corruption  # noqa: F401  (re-exported for the notebooks)
 from .viz import corruption_sweeps
 
 __all__ = ["project_root", "resolve", "run_dir", "save_fig", "log_metrics", "train_in_process_or_torchrun",
@@ -180,11 +179,6 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def run_corruption(run) -> CorruptionConfig:
-    """The corruption settings a tokenizer run was trained with (read back from its folder)."""
-    return _run_corruption(run)
-
-
 def psnr_sweep(tokenizer, x: torch.Tensor, levels: Sequence[float] = (), ratios: Sequence[float] = (),
                gamma: float = 3.0, noise_type: str = "interpolative", seed: int = 18) -> dict:
     """PSNR (dB) of ``x`` against its decoded latents corrupted at each noise level

@@ -323,12 +323,18 @@ def test_released_spec_loads_through_the_resolver(tmp_path, monkeypatch):
         load_official_detok("released:detok_BB", model="detok_MM", **cfg)
 
 
-def test_real_inception_wins_over_conversion(tmp_path):
+def _converted_inception(tmp_path, name):
+    """A 10-byte stand-in for the offline conversion saved as ``name``, with its sidecar record."""
     ckpt = tmp_path / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
-    conv = ckpt / inception_mod.CONVERTED_NAME
+    conv = ckpt / name
     conv.write_bytes(b"c" * 10)
     conv.with_name(conv.name + ".ldetok.json").write_text(json.dumps({"converted": True, "weights_size": 10}))
+    return ckpt, conv
+
+
+def test_real_inception_wins_over_conversion(tmp_path):
+    ckpt, conv = _converted_inception(tmp_path, inception_mod.CONVERTED_NAME)
     info = inception_mod.weights_info(tmp_path)
     assert info["converted"] and not info["inception_score"] and info["path"] == str(conv)
     assert inception_mod.ensure_inception_weights(tmp_path, allow_download=False) == conv
@@ -340,11 +346,7 @@ def test_real_inception_wins_over_conversion(tmp_path):
 
 
 def test_legacy_conversion_under_real_name_moves_aside(tmp_path):
-    ckpt = tmp_path / "hub" / "checkpoints"
-    ckpt.mkdir(parents=True)
-    old = ckpt / inception_mod.WEIGHTS_NAME
-    old.write_bytes(b"c" * 10)
-    old.with_name(old.name + ".ldetok.json").write_text(json.dumps({"converted": True, "weights_size": 10}))
+    ckpt, old = _converted_inception(tmp_path, inception_mod.WEIGHTS_NAME)
     assert not inception_mod.inception_score_available(tmp_path)
     path = inception_mod.ensure_inception_weights(tmp_path, allow_download=False)
     assert path == ckpt / inception_mod.CONVERTED_NAME and not old.exists()
