@@ -73,13 +73,14 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of capture_rng_state; missing parts are left alone."""
+    """Inverse of capture_rng_state; missing parts are left alone. The state may come from a checkpoint
+    loaded with ``map_location`` on a GPU: every tensor is brought back to the CPU first."""
     if "python" in state:
         py = state["python"]
         random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss_next"]))
     if "numpy" in state:
         npst = state["numpy"]
-        keys = np.asarray(torch.as_tensor(npst["keys"]).numpy(), dtype=np.uint32)
+        keys = np.asarray(torch.as_tensor(npst["keys"]).cpu().numpy(), dtype=np.uint32)
         np.random.set_state(
             (npst["kind"], keys, int(npst["pos"]), int(npst["has_gauss"]), float(npst["cached_gaussian"]))
         )
