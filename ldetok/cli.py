@@ -29,6 +29,43 @@ def _setup_env() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+# ------------------------------------------------------------------ flag values, checked before any work
+def _numbers(flag: str, text: str, kind=float, lo=None, hi=None) -> list:
+    """A comma-separated flag value as numbers of ``kind``, each in [lo, hi]; a bad one names the flag."""
+    what = "integers" if kind is int else "numbers"
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated {what}, e.g. "
+                         f"{'0,1,2' if kind is int else '0.3,0.5'}") from None
+    for v in values:
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            bounds = f"in [{lo}, {hi}]" if lo is not None and hi is not None else \
+                (f">= {lo}" if lo is not None else f"<= {hi}")
+            raise ValueError(f"{flag} {text!r}: every value must be {bounds}, got {v}")
+    return values
+
+
+def _at_least(flag: str, value, lo) -> None:
+    if value is not None and value < lo:
+        raise ValueError(f"{flag} must be >= {lo}, got {value}")
+
+
+def _tokenizer_run(path) -> None:
+    """Refuse a ``--tokenizer`` / tokenizer run argument that is no finished tokenizer run or export, with
+    what it is instead (missing, empty, unfinished with its last step, another kind of run)."""
+    from .runs import tokenizer_dir
+
+    if path:
+        tokenizer_dir(path)
+
+
+def _device(device: str) -> None:
+    from .engine.common import check_device
+
+    check_device(device)
+
+
 def cmd_presets(args) -> int:
     from .config import GENERATOR_PRESETS, TOKENIZER_PRESETS
 
@@ -56,9 +93,12 @@ def cmd_presets(args) -> int:
 
 def cmd_train_tokenizer(args) -> int:
     from .config import TokenizerTrainConfig, parse_overrides, resolve_tokenizer_config
+    from .data import check_dataset_splits
     from .engine.tokenizer_trainer import train_tokenizer
 
     cfg = resolve_tokenizer_config(args.preset, parse_overrides(TokenizerTrainConfig, args.overrides))
+    _device(cfg.run.device)
+    check_dataset_splits(cfg.data.dataset, cfg.data.data_root, ("train", cfg.data.eval_split), "eval_split")
     summary = train_tokenizer(cfg, args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {args.out} at step {summary['step']}")
@@ -66,9 +106,20 @@ def cmd_train_tokenizer(args) -> int:
 
 
 def cmd_eval_tokenizer(args) -> int:
+    from .data import check_dataset_splits
     from .eval.tokenizer import evaluate_tokenizer_run
 
-    levels = [float(v) for v in args.noise.split(",")] if args.noise else []
+    from .runs import run_train_config
+
+    levels = _numbers("--noise", args.noise, float, 0.0, 1.0) if args.noise else []
+    _at_least("--n", args.n, 1)
+    _at_least("--batch-size", args.batch_size, 1)
+    if args.gamma is not None and args.gamma < 0:
+        raise ValueError(f"--gamma must be >= 0, got {args.gamma}")
+    _device(args.device)
+    _tokenizer_run(args.run_dir)
+    data = run_train_config(args.run_dir).data
+    check_dataset_splits(data.dataset, data.data_root, (args.split or data.eval_split,), "--split")
     evaluate_tokenizer_run(args.run_dir, n=args.n, noise_levels=levels, gamma=args.gamma,
                            rfid=not args.no_rfid, batch_size=args.batch_size, device=args.device,
                            split=args.split)
@@ -83,6 +134,8 @@ def cmd_train_generator(args) -> int:
     if args.tokenizer:
         overrides["tokenizer"] = args.tokenizer
     cfg = resolve_generator_config(args.preset, overrides)
+    _device(cfg.run.device)
+    _tokenizer_run(cfg.tokenizer)
     summary = train_generator(cfg, args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {args.out} at step {summary['step']}")
@@ -93,6 +146,12 @@ def cmd_cache(args) -> int:
     from .engine.distributed import cleanup, init_distributed, is_distributed
     from .latents import build_latent_cache
 
+    _at_least("--limit", args.limit, 1)
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--shard-size", args.shard_size, 1)
+    _at_least("--num-workers", args.num_workers, 0)
+    _device(args.device)
+    _tokenizer_run(args.tokenizer_run)
     owns_group = not is_distributed()
     info = init_distributed(args.device, timeout_min=args.dist_timeout_min)
     try:
@@ -109,18 +168,37 @@ def cmd_cache(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from .runs import generator_meta
     from .sampling import sample_run
 
+    _at_least("--n", args.n, 1)
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--steps", args.steps, 1)
+    _at_least("--seed", args.seed, 0)
+    _at_least("--cfg", args.cfg, 0.0)
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    _device(args.device)
+    num_classes = int(generator_meta(args.run_dir).get("num_classes") or 0)  # names what the folder is, if not a run
+    labels = _numbers("--labels", args.labels, int, 0) if args.labels else None
+    if labels is not None and not num_classes:
+        raise ValueError(f"--labels: {args.run_dir} is an unconditional generator (it has no classes)")
+    if labels is not None and max(labels) >= num_classes:
+        raise ValueError(f"--labels {args.labels!r}: {args.run_dir} has {num_classes} classes, so labels must be in "
+                         f"0 .. {num_classes - 1}; got {max(labels)}")
     sample_run(args.run_dir, n=args.n, guidance_scale=args.cfg, steps=args.steps, temperature=args.temperature,
-               out=args.out, seed=args.seed, batch_size=args.batch_size, device=args.device,
-               labels=[int(v) for v in args.labels.split(",")] if args.labels else None)
+               out=args.out, seed=args.seed, batch_size=args.batch_size, device=args.device, labels=labels)
     return 0
 
 
 def cmd_eval_generator(args) -> int:
     from .eval.generation import evaluate_generator_run
 
-    sweep = [float(v) for v in args.cfg_sweep.split(",")] if args.cfg_sweep else None
+    sweep = _numbers("--cfg-sweep", args.cfg_sweep, float, 0.0) if args.cfg_sweep else None
+    _at_least("--n", args.n, 1)
+    _at_least("--n-search", args.n_search, 1)
+    _at_least("--steps", args.steps, 1)
+    _device(args.device)
     evaluate_generator_run(args.run_dir, n=args.n, guidance_scale=args.cfg, guidance_scales=sweep, n_search=args.n_search,
                            extractors=tuple(args.features.split(",")), sweep_extractor=args.sweep_features,
                            steps=args.steps, temperature=args.temperature, seed=args.seed,
@@ -131,7 +209,8 @@ def cmd_eval_generator(args) -> int:
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
 
-    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else None
+    seeds = _numbers("--seeds", args.seeds, int, 0) if args.seeds else None
+    _device(args.device)
     variants = args.variants.split(",") if args.variants else None
     from .reproduce import parse_budgets
 
@@ -142,7 +221,7 @@ def cmd_reproduce(args) -> int:
     gen_over = parse_overrides(GeneratorTrainConfig, args.gen)
     reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures,
               budgets=budgets, tok_overrides=tok_over, gen_overrides=gen_over, decoder_ft_steps=args.decoder_ft,
-              guidance_scales=[float(c) for c in args.cfg_search.split(",")] if args.cfg_search else None,
+              guidance_scales=_numbers("--cfg-search", args.cfg_search, float, 0.0) if args.cfg_search else None,
               n_search=args.n_search)
     return 0
 
@@ -293,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands that compute nothing with torch (no thread count to set or report)
+_NO_TORCH = ("presets", "weights")
+
+
 def main(argv=None) -> int:
     _setup_env()
     parser = build_parser()
@@ -304,10 +387,17 @@ def main(argv=None) -> int:
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command not in _NO_TORCH:
+        from .engine.common import configure_threads
+
+        line = configure_threads()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ldetok {args.command}: {line}", flush=True)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"ldetok {args.command}: error: {e}", file=sys.stderr)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() is its quoted repr
+        print(f"ldetok {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,7 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import typing
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ __all__ = ["TokenizerModelConfig", "DataConfig", "TokenizerLossConfig", "OptimCo
            "TokenizerTrainConfig", "GeneratorTrainConfig", "TOKENIZER_PRESETS", "GENERATOR_PRESETS", "VARIANTS",
            "resolve_tokenizer_config", "resolve_generator_config", "parse_overrides", "apply_overrides",
            "config_diff", "config_from_dict", "flatten", "to_json", "SCHEDULES", "PRECISIONS", "ReproduceConfig",
-           "REPRODUCE_PRESETS", "resolve_reproduce_config"]
+           "REPRODUCE_PRESETS", "resolve_reproduce_config", "generator_arg_names", "model_args_errors"]
 
 SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -45,6 +46,13 @@ class TokenizerModelConfig:
     patch_size: int = 8
     in_channels: int = 3
     latent_channels: int = 16
+
+    def validate(self, errs: List[str]) -> None:
+        if self.image_size < 8 or self.patch_size < 1 or self.latent_channels < 1:
+            errs.append(f"image_size must be >= 8, patch_size and latent_channels >= 1 (got image_size "
+                        f"{self.image_size}, patch_size {self.patch_size}, latent_channels {self.latent_channels})")
+        if self.in_channels not in (1, 3):
+            errs.append(f"in_channels must be 1 or 3, got {self.in_channels}")
 
 
 @dataclass
@@ -101,6 +109,13 @@ class OptimConfig:
             errs.append("warmup_frac must be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             errs.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not (self.base_lr > 0 and (self.lr is None or self.lr > 0)):
+            errs.append(f"base_lr and lr must be > 0, got base_lr {self.base_lr}, lr {self.lr}")
+        if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            errs.append(f"min_lr, weight_decay and grad_clip must be >= 0 (grad_clip 0: no clipping), got "
+                        f"{self.min_lr}, {self.weight_decay}, {self.grad_clip}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            errs.append(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
 
 
 @dataclass
@@ -159,6 +174,7 @@ class TokenizerTrainConfig:
 
     def validate(self) -> "TokenizerTrainConfig":
         errs: List[str] = []
+        self.model.validate(errs)
         self.optim.validate(errs)
         self.run.validate(errs)
         errs += self.corruption.errors()
@@ -185,6 +201,52 @@ class TokenizerTrainConfig:
     def train_corruption(self) -> CorruptionConfig:
         """The corruption this run trains with: off for decoder fine-tuning (its one home), else ``corruption``."""
         return CorruptionConfig.off() if self.stage == "decoder_ft" else self.corruption
+
+
+# the generator class behind each registry prefix (``sit_tiny`` -> SiT), for checking ``model_args``
+_GENERATOR_CLASSES = {"mar": generators.MAR, "randomar": generators.ARDiff, "rasterar": generators.ARDiff,
+                      "dit": generators.DiT, "sit": generators.SiT, "lightningdit": generators.LightningDiT}
+# constructor arguments the generator trainer sets itself (from the tokenizer and the config)
+_TRAINER_SET_ARGS = ("latent_shape", "num_classes", "class_dropout")
+
+
+def generator_arg_names(model: str) -> Optional[List[str]]:
+    """The keyword arguments the generator ``model`` (a registry or family name) accepts, from its class's
+    constructor signatures (following ``**kwargs`` up to the base class); None for an unknown model."""
+    name = generators.FAMILIES.get(model, model)
+    cls = _GENERATOR_CLASSES.get(name.rsplit("_", 1)[0]) if name in generators.REGISTRY else None
+    if cls is None:
+        return None
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.name != "self"
+                  and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return sorted(names)
+
+
+def model_args_errors(model: str, model_args: str) -> List[str]:
+    """What is wrong with ``model_args`` (JSON of constructor arguments) for the generator ``model``."""
+    try:
+        args = json.loads(model_args)
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        return [f"model_args must be a JSON object, e.g. {{\"depth\": 4}}, got {model_args!r}"]
+    known = generator_arg_names(model)
+    if known is None:
+        return []  # the unknown model is reported on its own
+    errs = [f"model_args: {k} is set by the trainer (from the tokenizer run and the config), not by model_args"
+            for k in args if k in _TRAINER_SET_ARGS]
+    settable = [k for k in known if k not in _TRAINER_SET_ARGS]
+    errs += [f"unknown model argument {k} for {model}; known: {', '.join(settable)}"
+             for k in args if k not in known]
+    return errs
 
 
 @dataclass
@@ -225,11 +287,11 @@ class GeneratorTrainConfig:
         if self.sample_every < 0:
             errs.append(f"sample_every must be >= 0, got {self.sample_every}")
         if self.model_args:
-            try:
-                if not isinstance(json.loads(self.model_args), dict):
-                    raise ValueError
-            except ValueError:
-                errs.append(f"model_args must be a JSON object, got {self.model_args!r}")
+            errs += model_args_errors(self.model, self.model_args)
+        if self.sample_steps is not None and self.sample_steps < 1:
+            errs.append(f"sample_steps must be >= 1 (or none for the family's default), got {self.sample_steps}")
+        if not 0 <= self.class_dropout < 1:
+            errs.append(f"class_dropout must be in [0, 1), got {self.class_dropout}")
         if errs:
             raise ValueError("invalid generator config:\n  " + "\n  ".join(errs))
         return self

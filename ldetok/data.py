@@ -9,6 +9,7 @@ than a DataLoader over single items on a CPU).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import glob
 import gzip
@@ -27,8 +28,8 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "CIFAR10", "DATASETS", "FashionMNIST", "ImageFolderDataset", "PhotoCrops", "build_dataset",
-    "bundled_photos", "center_crop_adm", "default_data_available", "ensure_default_data",
-    "find_fashion_mnist", "from_uint8", "load_rgb", "read_idx", "to_uint8",
+    "bundled_photos", "center_crop_adm", "check_dataset_splits", "default_data_available", "ensure_default_data",
+    "find_fashion_mnist", "from_uint8", "load_rgb", "read_idx", "report_skips_to", "skip_summary", "to_uint8",
 ]
 
 log = logging.getLogger("ldetok.data")
@@ -366,6 +367,11 @@ def _read_list_file(list_file: Path, folder: Path) -> list[tuple[Path, int]]:
     return samples
 
 
+# Unreadable files already warned about in this process: one warning per file, however many dataset
+# objects (train and eval sets, one per run of a sweep) meet it.
+_WARNED: set = set()
+
+
 class ImageFolderDataset(Dataset):
     """``<root>[/<split>]/<class>/<image>`` (classes sorted -> ids, sub-folders included) or a list
     file of ``relpath label`` lines (the official ImageNet ``train.txt``), paths relative to
@@ -373,9 +379,14 @@ class ImageFolderDataset(Dataset):
 
     Items are ADM centre crops in [-1, 1], RGB. With ``train=True`` a horizontal flip (p=0.5) draws
     from torch's global RNG, which DataLoader seeds per worker, so flips are reproducible under
-    ``torch.manual_seed`` and differ across workers. An unreadable file is skipped (the next
-    readable index is returned), counted in ``skipped``, listed in ``bad_paths`` and logged once
-    on the ``ldetok.data`` logger. With DataLoader workers each worker keeps its own count.
+    ``torch.manual_seed``, and differ across workers.
+
+    An unreadable file (empty, truncated, not an image) is replaced by the next readable image of the
+    SAME class (its label stays right), counted in ``skipped``, listed in ``bad_paths`` and warned about
+    once per process on the ``ldetok.data`` logger and through ``report`` (a callable taking the line,
+    e.g. a run's log; ``report_skips_to``); ``skip_summary`` is the end-of-run line. A class, or a
+    folder, with no readable image at all is a ``ValueError`` naming it. With DataLoader workers each
+    worker keeps its own count (their per-file lines still reach ``report``).
     """
 
     def __init__(self, root: PathLike, split: str | None = None, image_size: int = 256, train: bool = True,
@@ -399,6 +410,8 @@ class ImageFolderDataset(Dataset):
         self.targets = [y for _, y in self.samples]
         self.image_size, self.train = image_size, train
         self.skipped, self.bad_paths = 0, set()
+        self.report = None  # an extra destination for the skip warnings (a run's log)
+        self._by_class: dict | None = None  # label -> sorted sample indices, built at the first skip
 
     def __len__(self):
         return len(self.samples)
@@ -407,23 +420,80 @@ class ImageFolderDataset(Dataset):
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
-        for k in range(n):
-            path, label = self.samples[(index + k) % n]
-            if path in self.bad_paths:
-                continue
-            try:
-                arr = center_crop_adm(load_rgb(path), self.image_size)
-            except _UNREADABLE as e:
-                self.bad_paths.add(path)
-                self.skipped += 1
-                log.warning("skipping unreadable image %s (%s: %s); %d skipped so far",
-                            path, type(e).__name__, e, self.skipped)
-                continue
-            x = from_uint8(arr.transpose(2, 0, 1)[None])[0]
-            if self.train and torch.rand(()) < 0.5:
-                x = x.flip(-1)
-            return x, label
-        raise RuntimeError(f"none of the {n} images under {self.folder} could be read")
+        index %= n
+        path, label = self.samples[index]
+        arr = self._read(path)
+        if arr is None:
+            arr = self._same_class_substitute(index, label)
+        x = from_uint8(arr.transpose(2, 0, 1)[None])[0]
+        if self.train and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, label
+
+    def __getstate__(self):  # a run log's writer does not travel to spawned DataLoader workers
+        return {**self.__dict__, "report": None}
+
+    def _read(self, path: Path) -> np.ndarray | None:
+        """The ADM crop of ``path``, or None for an unreadable file (recorded and warned about once)."""
+        if path in self.bad_paths:
+            return None
+        try:
+            return center_crop_adm(load_rgb(path), self.image_size)
+        except _UNREADABLE as e:
+            self.bad_paths.add(path)
+            self.skipped += 1
+            if path not in _WARNED:
+                _WARNED.add(path)
+                msg = (f"skipping unreadable image {path} ({type(e).__name__}: {e}); replaced by another image of "
+                       f"its class; {self.skipped} skipped so far in {self.folder}")
+                log.warning(msg)
+                if self.report is not None:
+                    self.report(msg)
+            return None
+
+    def _class_indices(self, label: int) -> list:
+        if self._by_class is None:
+            by: dict = {}
+            for i, (_, y) in enumerate(self.samples):
+                by.setdefault(y, []).append(i)
+            self._by_class = by
+        return self._by_class[label]
+
+    def _same_class_substitute(self, index: int, label: int) -> np.ndarray:
+        """The next readable image after ``index`` among those of class ``label`` (wrapping around)."""
+        members = self._class_indices(label)
+        k = bisect.bisect_left(members, index)
+        for j in range(1, len(members) + 1):
+            arr = self._read(self.samples[members[(k + j) % len(members)]][0])
+            if arr is not None:
+                return arr
+        raise ValueError(self._unreadable_message(label, len(members)))
+
+    def _unreadable_message(self, label: int, count: int) -> str:
+        fix = "replace or remove the damaged files (zero-byte, truncated or non-image files named like images)"
+        if all(self._read(p) is None for p, y in self.samples if y != label):
+            return f"none of the {len(self.samples)} images under {self.folder} could be read: {fix}"
+        where = (f"label {label} of {self.list_file}" if hasattr(self, "list_file")
+                 else f"class {self.classes[label]!r} ({self.folder / self.classes[label]})")
+        return (f"none of the {count} images of {where} could be read, so that class has no image to train on: "
+                f"{fix}, or remove the class")
+
+
+def report_skips_to(dataset, report) -> None:
+    """Send ``dataset``'s skip warnings (unreadable images) to ``report`` too (e.g. a run's log line);
+    datasets that never skip are left alone."""
+    if isinstance(dataset, ImageFolderDataset):
+        dataset.report = report
+
+
+def skip_summary(dataset) -> str | None:
+    """One line counting the unreadable images ``dataset`` skipped in this process (None when none)."""
+    if not isinstance(dataset, ImageFolderDataset) or not dataset.skipped:
+        return None
+    shown = ", ".join(str(p) for p in sorted(dataset.bad_paths)[:5])
+    more = f" and {len(dataset.bad_paths) - 5} more" if len(dataset.bad_paths) > 5 else ""
+    return (f"{dataset.folder}: {dataset.skipped} unreadable image(s) skipped, each replaced by a readable image "
+            f"of its own class: {shown}{more}")
 
 
 # ------------------------------------------------------------------ CIFAR-10 (local only)
@@ -496,10 +566,30 @@ def build_dataset(name: str, split: str = "train", image_size: int = 32, channel
         raise ValueError(f"dataset {name!r} reads a local folder: pass root=")
     if kind == "cifar10":
         return CIFAR10(root, split, image_size, **kw)
+    check_dataset_splits(name, root, (split,))
     # <root>/<split>/ when it exists (ImageNet layout); a plain class folder serves as the train split.
     sub = split if (Path(root) / split).is_dir() or split != "train" else None
     kw.setdefault("train", split == "train")
     return ImageFolderDataset(root, sub, image_size, **kw)
+
+
+def check_dataset_splits(name: str, root: PathLike | None, splits, field: str = "eval_split") -> None:
+    """Refuse, before anything is read, an image folder that lacks a split: ``<root>`` must exist, and a
+    split other than train needs ``<root>/<split>/`` (a plain class folder is the train split only, so the
+    message suggests ``<field>=train``). Other datasets are checked when they are built."""
+    if DATASETS.get(name) != "imagefolder" or root is None:
+        return
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} (dataset {name!r}, data_root) does not exist")
+    for split in splits:
+        if split != "train" and not (root / split).is_dir():
+            subs = sorted(d.name for d in root.iterdir() if d.is_dir())
+            shown = ", ".join(subs[:4]) + (", ..." if len(subs) > 4 else "")
+            hint = (f"it holds one split (class folders {shown}): evaluate on it with {field}=train, or add "
+                    f"{root / split}/<class>/<image>" if not (root / "train").is_dir()
+                    else f"its splits are {', '.join(subs)}: set {field} to one of them")
+            raise FileNotFoundError(f"image folder {root} has no {split!r} split ({root / split} does not exist); {hint}")
 
 
 def default_data_available() -> dict[str, str | None]:

@@ -227,14 +227,75 @@ def test_image_folder_items_and_conversions(image_folder):
 
 def test_image_folder_skips_corrupt_once(image_folder, caplog):
     ds = ImageFolderDataset(image_folder, image_size=16, train=False)
+    reported = []
+    data.report_skips_to(ds, reported.append)
     with caplog.at_level(logging.WARNING, logger="ldetok.data"):
         for _ in range(2):
-            assert ds[2][1] == 1  # truncated PNG -> the next readable item (b/0_photo.jpg)
-            assert ds[5][1] == 2  # garbage -> c/sub/0_16bit.png
-            assert len([ds[i] for i in range(len(ds))]) == 7
+            x, y = ds[2]  # truncated PNG -> the next readable image of class a, wrapping: a/0_rgb.png
+            assert y == 0 and torch.equal(x, ds[0][0])
+            x, y = ds[5]  # garbage -> c/sub/0_16bit.png, its class's other image
+            assert y == 2 and torch.equal(x, ds[6][0])
+            assert [ds[i][1] for i in range(len(ds))] == ds.targets
+        again = ImageFolderDataset(image_folder, image_size=16, train=False)  # another object: no new warning
+        assert again[2][1] == 0 and again.skipped == 1
     assert ds.skipped == 2 and {p.name for p in ds.bad_paths} == {"2_trunc.png", "1_garbage.jpg"}
     for name in ("2_trunc.png", "1_garbage.jpg"):
         assert sum(name in r.getMessage() for r in caplog.records) == 1
+        assert sum(name in line for line in reported) == 1
+    summary = data.skip_summary(ds)
+    assert summary.startswith(f"{image_folder}: 2 unreadable image(s) skipped") and "2_trunc.png" in summary
+    assert data.skip_summary(again).startswith(f"{image_folder}: 1 unreadable")
+    assert data.skip_summary(ImageFolderDataset(image_folder, image_size=16)) is None
+
+
+def test_image_folder_bad_files_keep_every_label(tmp_path):
+    """A zero-byte .jpg and a text file named .png in class_a: every item's label is the class folder of
+    its own path, and every image served for class_a is one of class_a's readable images."""
+    root = tmp_path / "folder"
+    for k in range(3):
+        save(root / "class_a" / f"{k}_good.png", np.full((20, 20, 3), 10 + 20 * k, np.uint8))
+        save(root / "class_b" / f"{k}_good.png", np.full((20, 20, 3), 200 + 10 * k, np.uint8))
+    (root / "class_a" / "0_empty.jpg").write_bytes(b"")
+    (root / "class_a" / "1_text.png").write_text("this is not an image")
+    (root / "class_b" / "9_empty.jpg").write_bytes(b"")  # the last file: its substitute wraps around
+    ds = ImageFolderDataset(root, image_size=8, train=False)
+    values = {"class_a": {10, 30, 50}, "class_b": {200, 210, 220}}
+    for i, (path, label) in enumerate(ds.samples):
+        x, y = ds[i]
+        assert y == label == ds.classes.index(path.parent.name)
+        level = round((float(x.mean()) + 1) * 127.5)
+        assert level in values[path.parent.name], (path, level)
+    assert ds.skipped == 3
+    assert {p.name for p in ds.bad_paths} == {"0_empty.jpg", "1_text.png", "9_empty.jpg"}
+
+
+def test_image_folder_unreadable_class_or_folder(tmp_path):
+    root = tmp_path / "bad"
+    save(root / "a" / "ok.png", np.zeros((10, 10, 3), np.uint8))
+    (root / "b").mkdir()
+    (root / "b" / "x.png").write_text("text")
+    (root / "b" / "y.jpg").write_bytes(b"")
+    ds = ImageFolderDataset(root, image_size=8)
+    with pytest.raises(ValueError, match=r"none of the 2 images of class 'b' \(.*bad/b\) could be read"):
+        ds[1]
+    (root / "a" / "ok.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"none of the 3 images under .*bad could be read"):
+        ImageFolderDataset(root, image_size=8)[0]
+
+
+def test_image_folder_split_hint(image_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no 'test' split.*eval_split=train"):
+        build_dataset("imagefolder", "test", 16, root=image_folder)
+    with pytest.raises(FileNotFoundError, match=r"--split=train"):
+        data.check_dataset_splits("imagefolder", image_folder, ("train", "val"), "--split")
+    for split in ("train", "val"):
+        save(tmp_path / "inet" / split / "n01" / "x.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(FileNotFoundError, match="its splits are train, val: set eval_split to one of them"):
+        data.check_dataset_splits("imagenet", tmp_path / "inet", ("test",))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.check_dataset_splits("imagefolder", tmp_path / "nowhere", ("train",))
+    data.check_dataset_splits("imagenet", tmp_path / "inet", ("train", "val"))
+    data.check_dataset_splits("fashion_mnist", None, ("test",))  # other datasets: checked when built
 
 
 def test_image_folder_flip_only_in_train(image_folder):

@@ -372,7 +372,7 @@ def test_app_binds_loopback_and_queues(served):
     app, _ = served
     assert app.server_name == "127.0.0.1" and "127.0.0.1" in app.local_url
     assert app.analytics_enabled is False
-    assert app._queue.default_concurrency_limit == 1 and app._queue.max_size == 64  # queued, one job at a time
+    assert app._queue.default_concurrency_limit == 2 and app._queue.max_size == 64  # queued, two jobs at a time
 
 
 def test_app_reconstruct_endpoint(served, tmp_path):
@@ -404,8 +404,11 @@ def test_app_input_endpoints_and_bad_input(served, tmp_path):
     assert Image.open(image).size == (24, 16) and "16-bit" in notice
     bad = tmp_path / "readme.txt"
     bad.write_text("hello")
-    with pytest.raises(AppError, match="readme.txt is not an image"):
+    with pytest.raises(AppError, match="readme.txt is not an image") as ei:
         client.predict(handle_file(str(bad)), core.CUSTOM_SET, api_name="/load_upload")
+    assert "/" not in str(ei.value)  # the server's (temporary) folders are never shown
+    with pytest.raises(AppError, match="seed must be a whole number in 0 .. 9223372036854775807, got -5"):
+        client.predict(handle_file(image), core.CUSTOM_SET, 0.5, 3.0, 0.0, "interpolative", -5, api_name="/reconstruct")
     with pytest.raises(Exception):  # noqa: B017 - out of the slider's range: refused, the server lives on
         client.predict(handle_file(image), core.CUSTOM_SET, 0.5, 3.0, 2.0, "interpolative", 0, api_name="/reconstruct")
     gallery, _ = client.predict(handle_file(image), core.CUSTOM_SET, 0.0, 3.0, 0.0, "additive", 0,
@@ -425,3 +428,41 @@ def test_app_sweep_and_sample(served, tmp_path):
     assert Image.open(grid).size == (2 * 66 + 2, 2 * 66 + 2)
     with pytest.raises((AppError, ValueError)):
         client.predict("no such class", 1.5, 2, 0, 4, api_name="/sample")
+
+
+def test_seeds_refused_not_wrapped(toks, photo):
+    for bad in (-5, 2**63, 1.5, "x", float("inf"), None):
+        with pytest.raises(DemoError, match="seed must be a whole number"):
+            core.corrupt_and_decode(toks[0], photo, seed=bad)
+    assert core.check_seed(7.0) == 7 and core.check_seed("12") == 12 and core.check_seed(2**63 - 1) == 2**63 - 1
+
+
+@pytest.mark.slow
+def test_app_serves_concurrent_clients(served, tmp_path):
+    """8 clients x 5 identical /reconstruct requests at once, three times: every one is answered and every
+    image downloads whole (identical outputs never share a file that is being rewritten)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    app, _ = served
+    src = _png(tmp_path / "in.png", np.asarray(Image.fromarray(core.bundled_photo("coffee").pixels).resize((64, 64))))
+    clients = [Client(app.local_url, verbose=False, download_files=str(tmp_path / f"c{k}")) for k in range(8)]
+
+    def five(client):
+        failures = []
+        for _ in range(5):
+            try:
+                gallery, table = client.predict(handle_file(src), core.CUSTOM_SET, 0.5, 3.0, 0.0, "interpolative", 3,
+                                                api_name="/reconstruct")
+                assert len(gallery) == 10 and "dB" in table
+                for item in gallery:
+                    Image.open(item["image"]).load()  # a truncated download fails here
+            except Exception as e:  # noqa: BLE001 - every failure is counted and shown
+                failures.append(repr(e))
+        return failures
+
+    for _ in range(3):
+        with ThreadPoolExecutor(len(clients)) as pool:
+            failures = [f for fs in pool.map(five, clients) for f in fs]
+        assert failures == []

@@ -8,10 +8,20 @@ Bad input comes back as a ``gr.Error`` with the core's message, never as a crash
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
 
 from ..corruption import NOISE
 from ..data import bundled_photos
@@ -46,6 +56,43 @@ def resolve_tokenizer_sets(specs: Optional[Sequence[str]] = None, demo_dir="runs
     return {name: core.load_tokenizers(s) for name, s in core.default_tokenizer_sets(demo_dir, main_dir).items()}
 
 
+class OutputFiles:
+    """Every image a response carries, as a PNG file of its own (a unique name in a private temporary
+    folder), written completely before Gradio sees it. Gradio caches an array it is handed under a name
+    derived from its content and rewrites that file in place, so two requests with the same output
+    would share a file one of them is still downloading; a file path is copied once and never rewritten.
+    Files older than ``keep_s`` seconds are removed as new ones arrive, the folder when the process ends."""
+
+    def __init__(self, keep_s: float = 900.0):
+        self.dir = Path(tempfile.mkdtemp(prefix="ldetok-demo-"))
+        self.keep_s = keep_s
+        self._lock = threading.Lock()
+        self._pruned = time.time()
+        atexit.register(shutil.rmtree, self.dir, True)
+
+    def png(self, array) -> str:
+        path = self.dir / f"{uuid.uuid4().hex}.png"
+        Image.fromarray(np.ascontiguousarray(array)).save(path)
+        self._prune()
+        return str(path)
+
+    def gallery(self, items) -> list:
+        return [(self.png(im), caption) for im, caption in items]
+
+    def _prune(self) -> None:
+        now = time.time()
+        with self._lock:
+            if now - self._pruned < 60:
+                return
+            self._pruned = now
+        for f in self.dir.glob("*.png"):
+            try:
+                if now - f.stat().st_mtime > self.keep_s:
+                    f.unlink()
+            except OSError:  # removed meanwhile
+                pass
+
+
 def _status_markdown(sets: Dict[str, List[DemoTokenizer]], generator: Optional[DemoGenerator]) -> str:
     lines = []
     for name, entries in sets.items():
@@ -70,18 +117,22 @@ def _gr_error(e: Exception):
 
     if isinstance(e, DemoError):
         return gr.Error(str(e))
-    log.exception("demo handler failed")
-    return gr.Error(f"internal error ({type(e).__name__}: {e}); the input was left as it was")
+    log.exception("demo handler failed")  # the details (and any server path) stay in the server's log
+    return gr.Error(f"internal error ({type(e).__name__}); the input was left as it was")
 
 
 def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTokenizer], None] = None,
               generator: Optional[DemoGenerator] = None, *, default_set: Optional[str] = None,
               max_side: int = core.MAX_INPUT_SIDE, display: Optional[int] = None, fmnist_count: int = 100,
-              initial_photo: str = "chelsea", title: str = "l-DeTok demo"):
+              initial_photo: str = "chelsea", title: str = "l-DeTok demo", concurrency: int = 2):
     """The Gradio app. ``tokenizers``: set name -> loaded entries (``resolve_tokenizer_sets``), or a flat
     list (one set); entries that failed to load are listed with the command that makes them.
-    ``generator``: a ``DemoGenerator`` for the sampling tab. The app is queued (one job at a time per
-    event, at most 64 waiting) and sends no analytics."""
+    ``generator``: a ``DemoGenerator`` for the sampling tab. The app is queued (``concurrency`` jobs at a
+    time per event, 2 by default so that two requests use two cores; at most 64 waiting) and sends no
+    analytics. Handlers share no mutable state but the clean-pass cache (locked) and run under no_grad;
+    images travel as files of their own (``OutputFiles``)."""
+    if concurrency < 1:
+        raise DemoError(f"concurrency must be >= 1, got {concurrency}")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -106,6 +157,8 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
         first_photo = initial_photo if initial_photo in photo_names else photo_names[0]
         first = core.bundled_photo(first_photo, max_side)
 
+    out = OutputFiles()
+
     def entries(set_name):
         if set_name not in sets:
             raise DemoError(f"unknown tokenizer set {set_name!r}; choose one of {', '.join(sets)}")
@@ -114,7 +167,7 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
     # ---- handlers: core calls, DemoError -> gr.Error ------------------------------------------
     def _loaded(img: core.InputImage, prefer: Optional[str], current: str):
         target = prefer if prefer in sets and any(e.ok for e in sets[prefer]) else current
-        return img.pixels, _describe(img), gr.update(value=target)
+        return out.png(img.pixels), _describe(img), gr.update(value=target)
 
     def load_photo(name, current_set):
         try:
@@ -141,13 +194,14 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
             img = core.prepare_image(image, max_side)
             items, table = core.compare_tokenizers(entries(set_name), img, t, gamma, mask_ratio, noise_type, seed,
                                                    display=display)
-            return items, table
+            return out.gallery(items), table
         except Exception as e:  # noqa: BLE001
             raise _gr_error(e) from None
 
     def sweep(image, set_name, gamma, noise_type, seed):
         try:
-            return core.sweep_gallery(entries(set_name), core.prepare_image(image, max_side), gamma, noise_type, seed)
+            return out.gallery(core.sweep_gallery(entries(set_name), core.prepare_image(image, max_side), gamma,
+                                                  noise_type, seed))
         except Exception as e:  # noqa: BLE001
             raise _gr_error(e) from None
 
@@ -160,7 +214,7 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
                 if class_choice not in generator.class_names:
                     raise DemoError(f"unknown class {class_choice!r}; choose one of {', '.join(generator.class_names)}")
                 cls = generator.class_names.index(class_choice)
-            return core.sample_grid(generator, cls, cfg, int(steps) or None, seed, int(n))
+            return out.png(core.sample_grid(generator, cls, cfg, int(steps) or None, seed, int(n)))
         except Exception as e:  # noqa: BLE001
             raise _gr_error(e) from None
 
@@ -241,7 +295,7 @@ def build_app(tokenizers: Union[Dict[str, List[DemoTokenizer]], Sequence[DemoTok
             ctl.input(**render_kw, trigger_mode="always_last", show_progress="hidden", api_visibility="private")
         app.load(**render_kw, api_visibility="private")
         sweep_btn.click(sweep, [image, set_radio, gamma, noise_type, seed], sweep_gal, api_name="sweep")
-    app.queue(default_concurrency_limit=1, max_size=64)
+    app.queue(default_concurrency_limit=concurrency, max_size=64)
     return app
 
 

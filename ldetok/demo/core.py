@@ -260,10 +260,9 @@ def _clean_pass(tok, x: torch.Tensor):
 
 def check_settings(t: float, gamma: float, mask_ratio: float, noise_type: str, seed) -> Tuple[float, float, float, str, int]:
     try:
-        t, gamma, mask_ratio, seed_i = float(t), float(gamma), float(mask_ratio), int(float(seed))
+        t, gamma, mask_ratio = float(t), float(gamma), float(mask_ratio)
     except (TypeError, ValueError):
-        raise DemoError(f"settings must be numbers: t={t!r}, gamma={gamma!r}, mask ratio={mask_ratio!r}, "
-                        f"seed={seed!r}") from None
+        raise DemoError(f"settings must be numbers: t={t!r}, gamma={gamma!r}, mask ratio={mask_ratio!r}") from None
     if not 0.0 <= t <= 1.0:
         raise DemoError(f"noise level t must be in [0, 1], got {t}")
     if not 0.0 <= gamma <= 100.0:
@@ -272,7 +271,24 @@ def check_settings(t: float, gamma: float, mask_ratio: float, noise_type: str, s
         raise DemoError(f"mask ratio must be in [0, 1), got {mask_ratio}")
     if noise_type not in C.NOISE:
         raise DemoError(f"noise type must be one of {', '.join(C.NOISE)}, got {noise_type!r}")
-    return t, gamma, mask_ratio, noise_type, seed_i % (2**63)
+    return t, gamma, mask_ratio, noise_type, check_seed(seed)
+
+
+def check_seed(seed) -> int:
+    """A seed for ``torch.Generator.manual_seed``: a whole number in [0, 2**63 - 1] (an int, or a float or
+    text holding one, as a number box sends it), else a ``DemoError`` saying so (never wrapped around)."""
+    value = None
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        value = int(seed)
+    else:
+        try:
+            f = float(seed)
+            value = int(f) if f == int(f) else None
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if value is None or not 0 <= value < 2**63:
+        raise DemoError(f"seed must be a whole number in 0 .. {2**63 - 1}, got {seed!r}")
+    return value
 
 
 def _corrupt(tok, x, t, gamma, mask_ratio, noise_type, generator, noise=None, notices=None, z_clean=None):
@@ -556,10 +572,11 @@ def sample_grid(g: DemoGenerator, class_index: Optional[int] = None, cfg: float 
     if not g.ok:
         raise DemoError(g.error or "no generator loaded")
     try:
-        cfg, n, seed = float(cfg), int(n), int(float(seed))
+        cfg, n = float(cfg), int(n)
         steps = None if steps in (None, "", 0) else int(steps)
-    except (TypeError, ValueError):
-        raise DemoError(f"cfg, steps, seed and n must be numbers (got {cfg!r}, {steps!r}, {seed!r}, {n!r})") from None
+    except (TypeError, ValueError, OverflowError):
+        raise DemoError(f"cfg, steps and n must be numbers (got {cfg!r}, {steps!r}, {n!r})") from None
+    seed = check_seed(seed)
     if not 1 <= n <= 64:
         raise DemoError(f"n must be in 1 .. 64, got {n}")
     if cfg < 0 or (steps is not None and not 1 <= steps <= 1000):
@@ -570,7 +587,7 @@ def sample_grid(g: DemoGenerator, class_index: Optional[int] = None, cfg: float 
         if not 0 <= c < g.gen.num_classes:
             raise DemoError(f"class must be in 0 .. {g.gen.num_classes - 1}, got {c}")
         labels = [c] * n
-    images, _ = generate_images(g.gen, g.tok, n, guidance_scale=cfg, steps=steps, seed=seed % (2**63), labels=labels)
+    images, _ = generate_images(g.gen, g.tok, n, guidance_scale=cfg, steps=steps, seed=seed, labels=labels)
     tiles = np.stack([to_display(_to_uint8(im), display) for im in images])  # (n, display, display, 3)
     return image_grid(torch.from_numpy(tiles).permute(0, 3, 1, 2), nrow=int(np.ceil(np.sqrt(n))))
 

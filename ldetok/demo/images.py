@@ -72,6 +72,12 @@ def _limit_size(im: Image.Image, max_side: int, notices: List[str]) -> Image.Ima
     return im.resize(size, Image.LANCZOS, reducing_gap=3.0)
 
 
+def _without_path(e: Exception, path: Path) -> str:
+    """An error's text with the file's folder left out (an upload lives in a server's temporary folder,
+    which is nobody else's business): Pillow's messages quote the whole path."""
+    return str(e).replace(str(path), path.name).replace(str(path.resolve()), path.name)
+
+
 def read_image(path, max_side: int = MAX_INPUT_SIDE) -> InputImage:
     """Open an image file as 8-bit RGB, at most ``max_side`` px on its long side.
 
@@ -82,7 +88,7 @@ def read_image(path, max_side: int = MAX_INPUT_SIDE) -> InputImage:
     p = Path(path)
     name = p.name
     if not p.is_file():
-        raise DemoError(f"{p}: no such file")
+        raise DemoError(f"{name}: no such file")
     notices: List[str] = []
     try:
         with warnings.catch_warnings():
@@ -96,10 +102,10 @@ def read_image(path, max_side: int = MAX_INPUT_SIDE) -> InputImage:
                 im = ImageOps.exif_transpose(im) or im
                 rgb = _pil_to_rgb(im, notices)
     except Image.DecompressionBombError as e:
-        raise DemoError(f"{name}: too large to open safely ({e}); downscale it below "
+        raise DemoError(f"{name}: too large to open safely ({_without_path(e, p)}); downscale it below "
                         f"{Image.MAX_IMAGE_PIXELS * 2 // 1_000_000} megapixels first") from None
     except (OSError, ValueError, SyntaxError, EOFError, TypeError) as e:
-        raise DemoError(f"{name} is not an image that Pillow can read ({type(e).__name__}: {e}). "
+        raise DemoError(f"{name} is not an image that Pillow can read ({type(e).__name__}: {_without_path(e, p)}). "
                         "Upload a PNG, JPEG, WebP, BMP, GIF or TIFF image.") from None
     rgb = _limit_size(rgb, max_side, notices)
     return InputImage(np.asarray(rgb, dtype=np.uint8).copy(), name, notices)

@@ -4,6 +4,7 @@ switches, EMA warm-up, resume checks, per-rank RNG streams."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
 from dataclasses import asdict
@@ -14,11 +15,11 @@ import torch.nn as nn
 
 from ..config import config_diff, flatten
 from .checkpoint import capture_rng_state, restore_rng_state
-from .distributed import DistInfo, gather_objects
+from .distributed import DistInfo, gather_objects, resolve_device
 
 __all__ = ["autocast_ctx", "effective_precision", "configure_tf32", "compile_forward", "eager_forward", "compiled_frames",
            "enable_grad_checkpointing", "ema_decay_at", "check_resume_config", "gather_rng_states", "restore_rng_states",
-           "RESUME_FREE_KEYS", "load_resume_state"]
+           "RESUME_FREE_KEYS", "load_resume_state", "check_device", "usable_cpus", "configure_threads"]
 
 # Config fields (by leaf name) that may change between a run and its resumption (length, bookkeeping,
 # placement, sampling for logs).
@@ -27,6 +28,44 @@ RESUME_FREE_KEYS = {"max_steps", "epochs", "log_every", "image_every", "sample_e
                     "sample_guidance_scale", "sample_steps", "sample_temperature",
                     # execution strategies: a resumed run may switch them (compile changes rounding only)
                     "compile", "grad_checkpointing"}
+
+
+def check_device(device) -> torch.device:
+    """``resolve_device``, with an absent accelerator as a ``ValueError`` naming it (a command refuses it
+    in one line before any work, instead of a traceback)."""
+    try:
+        return resolve_device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(str(e)) from None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def configure_threads(environ=None) -> str:
+    """Set torch's intra-op thread count for this machine and return the line that says so: the value of
+    ``OMP_NUM_THREADS`` when it is a positive integer, else the usable CPUs shared among the processes of
+    this node (``LOCAL_WORLD_SIZE`` under torchrun). More threads than CPUs (or another job on the same
+    cores) slows a step down many times over: ``OMP_NUM_THREADS=1`` is the setting for a shared machine."""
+    environ = os.environ if environ is None else environ
+    cpus = usable_cpus()
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:
+        n, why = int(omp), f"OMP_NUM_THREADS={omp}"
+    else:
+        local = environ.get("LOCAL_WORLD_SIZE", "1")
+        procs = int(local) if local.isdigit() and int(local) >= 1 else 1
+        n = max(1, cpus // procs)
+        why = ("OMP_NUM_THREADS unset" if not omp else f"OMP_NUM_THREADS={omp!r} ignored: not a positive integer")
+        if procs > 1:
+            why += f", {procs} processes on this node"
+    torch.set_num_threads(n)
+    return f"threads: {n} ({cpus} CPUs; {why})"
 
 
 def effective_precision(device, precision: str) -> str:

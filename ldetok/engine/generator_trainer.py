@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..config import GeneratorTrainConfig
-from ..data import build_dataset
+from ..data import build_dataset, report_skips_to, skip_summary
 from ..generators import build_generator
 from ..latents import build_latent_cache
 from ..runs import RunLayout, load_tokenizer, run_train_config, save_generator
@@ -50,6 +50,7 @@ class GeneratorTrainer(Trainer):
             self.cache = None
             self.images = build_dataset(tcfg.data.dataset, split="train", image_size=tcfg.model.image_size,
                                         channels=tcfg.model.in_channels, root=tcfg.data.data_root)
+            report_skips_to(self.images, self.logger.log_line)
             n_data, num_classes = len(self.images), int(getattr(self.images, "num_classes", 0))
         self.num_classes = 0 if cfg.unconditional else num_classes
         return n_data
@@ -129,6 +130,8 @@ class GeneratorTrainer(Trainer):
                             "final_loss_smooth": ema_loss, "train_config": asdict(cfg)})
             grid = self.sample_grid("samples_final")
             self.logger.log_line(f"exported the EMA generator to {RunLayout(self.run_dir).generator}; samples: {grid}")
+            if self.cache is None and (line := skip_summary(self.images)):
+                self.logger.log_line(line)
         barrier()
         self.logger.close()
         return summary

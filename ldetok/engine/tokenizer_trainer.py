@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..config import TokenizerTrainConfig
 from ..corruption import DenoisingPass
-from ..data import build_dataset
+from ..data import build_dataset, report_skips_to, skip_summary
 from ..losses import LossConfig, TokenizerLoss
 from ..runs import RunLayout, load_tokenizer, run_corruption, save_tokenizer
 from ..tokenizers import Tokenizer, build_sized, load_official_detok
@@ -52,6 +52,8 @@ class TokenizerTrainer(Trainer):
         kw = dict(image_size=cfg.model.image_size, channels=cfg.model.in_channels, root=cfg.data.data_root)
         self.train_set = build_dataset(cfg.data.dataset, split="train", **kw)
         self.eval_set = build_dataset(cfg.data.dataset, split=cfg.data.eval_split, **kw)
+        for ds in (self.train_set, self.eval_set):  # unreadable images are named in the run's log too
+            report_skips_to(ds, self.logger.log_line)
         self.corruption = cfg.train_corruption()
         # what the exported tokenizer's latents were trained with: the run's own settings, or for a decoder
         # fine-tuning those of the run whose encoder it freezes (a released .pth carries none: the config's)
@@ -177,6 +179,8 @@ class TokenizerTrainer(Trainer):
                                   "train_config": asdict(self.cfg), "corruption": self.encoder_corruption.to_dict()})
             self.log_images()
             self.logger.log_line(f"exported the EMA tokenizer with latent statistics to {RunLayout(self.run_dir).tokenizer}")
+            for line in filter(None, map(skip_summary, (self.train_set, self.eval_set))):
+                self.logger.log_line(line)
         barrier()
         self.logger.close()
         return summary
