@@ -214,15 +214,21 @@ def cmd_reproduce(args) -> int:
     variants = args.variants.split(",") if args.variants else None
     from .reproduce import parse_budgets
 
-    from .config import GeneratorTrainConfig, TokenizerTrainConfig, parse_overrides
+    from .config import GeneratorTrainConfig, TokenizerTrainConfig, parse_family_settings, parse_overrides
 
     budgets = parse_budgets(args.budgets) if args.budgets else None
     tok_over = parse_overrides(TokenizerTrainConfig, args.tok)  # checked before any work starts
     gen_over = parse_overrides(GeneratorTrainConfig, args.gen)
+    families = {}
+    for item in args.gen_for:
+        if len(item) < 2:
+            raise ValueError(f"--gen-for {' '.join(item)}: expected a family (or generator name) and KEY=VALUE settings, "
+                             "e.g. --gen-for mar num_iter_final=256")
+        families.setdefault(item[0], {}).update(parse_family_settings(item[1:]))
     reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures,
               budgets=budgets, tok_overrides=tok_over, gen_overrides=gen_over, decoder_ft_steps=args.decoder_ft,
               guidance_scales=_numbers("--cfg-search", args.cfg_search, float, 0.0) if args.cfg_search else None,
-              n_search=args.n_search)
+              n_search=args.n_search, families=families, reference=args.reference or None, dry_run=args.dry_run)
     return 0
 
 
@@ -346,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a tokenizer config override for every variant, e.g. --tok data_root=/data/imagenet (repeatable)")
     s.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
                    help="a generator config override, e.g. --gen batch_size=256 (repeatable)")
+    s.add_argument("--gen-for", nargs="+", action="append", default=[], metavar="FAMILY KEY=VALUE",
+                   help="settings for one generator family (or name) only: sampling (guidance_scale|cfg, "
+                        "guidance_scales|cfg_list, n_search, search_steps|num_iter_search, final_steps|num_iter_final, "
+                        "temperature) or generator config overrides, e.g. --gen-for mar num_iter_final=256 "
+                        "'model_args={\"diffloss_d\": 3}'")
+    s.add_argument("--reference", default="", help="gFID reference: an ADM .npz, released:adm_in256_stats, "
+                   "DATASET:SPLIT[:N] or an image folder (default: the preset's)")
+    s.add_argument("--dry-run", action="store_true", help="print every protocol value per variant and family, run nothing")
     s.add_argument("--device", default="auto")
     s.add_argument("--figures", default="figures")
     s.set_defaults(fn=cmd_reproduce)

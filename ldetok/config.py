@@ -28,7 +28,8 @@ __all__ = ["TokenizerModelConfig", "DataConfig", "TokenizerLossConfig", "OptimCo
            "TokenizerTrainConfig", "GeneratorTrainConfig", "TOKENIZER_PRESETS", "GENERATOR_PRESETS", "VARIANTS",
            "resolve_tokenizer_config", "resolve_generator_config", "parse_overrides", "apply_overrides",
            "config_diff", "config_from_dict", "flatten", "to_json", "SCHEDULES", "PRECISIONS", "ReproduceConfig",
-           "REPRODUCE_PRESETS", "resolve_reproduce_config", "generator_arg_names", "model_args_errors"]
+           "REPRODUCE_PRESETS", "resolve_reproduce_config", "SamplingProtocol", "OFFICIAL_SAMPLING",
+           "SAMPLING_KEYS", "parse_family_settings", "DECODER_FT_PRESETS", "PRESET_MODEL_ARGS", "generator_arg_names", "model_args_errors"]
 
 SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -81,7 +82,10 @@ class OptimConfig:
     batch_size: int = 128  # global (all ranks, one optimizer step incl. accumulation)
     grad_accum: int = 1
     max_steps: int = 1000
-    epochs: Optional[float] = None  # when set, max_steps = ceil(epochs * len(data) / batch_size)
+    # when set, max_steps = ceil(epochs * len(data) / batch_size). A max_steps given as an override (the
+    # command line) without epochs clears a preset's epochs: the one given last decides, and the saved
+    # config shows which (epochs null: max_steps)
+    epochs: Optional[float] = None
     base_lr: float = 1e-4  # lr = base_lr * batch_size / 256 (official rule) unless lr is set
     lr: Optional[float] = None
     schedule: str = "cosine"
@@ -168,7 +172,9 @@ class TokenizerTrainConfig:
     stage: str = "pretrain"  # or "decoder_ft": encoder frozen, corruption off
     init_from: Optional[str] = None  # run dir / exported tokenizer / official .pth for decoder_ft
     image_every: int = 250
-    stats_images: int = 10000  # images for the per-channel latent statistics
+    # the per-channel latent statistics: None = the whole training split (the official protocol); N = a
+    # class-stratified sample of N images (evenly spaced over the split). Never flipped.
+    stats_images: Optional[int] = None
 
     ALIASES: typing.ClassVar[Dict[str, str]] = {"model": "model.name"}  # the registry name's short form
 
@@ -192,8 +198,8 @@ class TokenizerTrainConfig:
             errs.append(f"perceptual must be one of {'|'.join(PERCEPTUAL_NAMES)}, got {self.losses.perceptual!r}")
         if self.losses.pixel_loss not in PIXEL_LOSSES:
             errs.append(f"pixel_loss must be one of {'|'.join(PIXEL_LOSSES)}, got {self.losses.pixel_loss!r}")
-        if self.image_every < 0 or self.stats_images < 1:
-            errs.append("image_every must be >= 0 and stats_images >= 1")
+        if self.image_every < 0 or (self.stats_images is not None and self.stats_images < 2):
+            errs.append("image_every must be >= 0 and stats_images >= 2 (or none: the whole training split)")
         if errs:
             raise ValueError("invalid tokenizer config:\n  " + "\n  ".join(e.strip() for e in errs))
         return self
@@ -214,7 +220,7 @@ def generator_arg_names(model: str) -> Optional[List[str]]:
     """The keyword arguments the generator ``model`` (a registry or family name) accepts, from its class's
     constructor signatures (following ``**kwargs`` up to the base class); None for an unknown model."""
     name = generators.FAMILIES.get(model, model)
-    cls = _GENERATOR_CLASSES.get(name.rsplit("_", 1)[0]) if name in generators.REGISTRY else None
+    cls = _GENERATOR_CLASSES.get(generators.family_of(name)) if name in generators.REGISTRY else None
     if cls is None:
         return None
     names = set()
@@ -251,7 +257,8 @@ def model_args_errors(model: str, model_args: str) -> List[str]:
 
 @dataclass
 class GeneratorTrainConfig:
-    model: str = "sit_tiny"  # a generator registry name (ldetok.generators.available())
+    # a generator registry name (ldetok.generators.available()); None (the ImageNet presets): must be given
+    model: Optional[str] = "sit_tiny"
     model_args: str = ""  # JSON of extra constructor arguments, e.g. {"depth": 4}
     tokenizer: Optional[str] = None  # a tokenizer run folder (its exported EMA tokenizer + statistics)
     class_dropout: float = 0.1
@@ -279,14 +286,17 @@ class GeneratorTrainConfig:
         self.run.validate(errs)
         if not self.tokenizer:
             errs.append("tokenizer=<tokenizer run folder> is required")
-        if generators.FAMILIES.get(self.model, self.model) not in generators.REGISTRY:
+        if self.model is None:
+            errs.append("model=<generator> is required: this preset trains at ImageNet scale and has no default "
+                        "size (e.g. model=mar_base or model=sit_base)")
+        elif generators.FAMILIES.get(self.model, self.model) not in generators.REGISTRY:
             errs.append(f"model {self.model!r} is no generator; available: {', '.join(generators.available())} "
                         f"(or a family, meaning its tiny size: {', '.join(generators.FAMILIES)})")
         if self.latents not in ("cache", "online"):
             errs.append(f"latents must be 'cache' or 'online', got {self.latents!r}")
         if self.sample_every < 0:
             errs.append(f"sample_every must be >= 0, got {self.sample_every}")
-        if self.model_args:
+        if self.model_args and self.model is not None:
             errs += model_args_errors(self.model, self.model_args)
         if self.sample_steps is not None and self.sample_steps < 1:
             errs.append(f"sample_steps must be >= 1 (or none for the family's default), got {self.sample_steps}")
@@ -306,8 +316,9 @@ _GEN_CPU = dict(batch_size=128, max_steps=1500, lr=1e-3, schedule="cosine", warm
                 sample_every=0, sample_guidance_scale=1.5)
 
 GENERATOR_PRESETS: Dict[str, Dict[str, Any]] = {
-    # The paper's tokenizer comparison / ablation recipe: every family, 100 epochs at batch 1024.
-    "paper-100ep": dict(_GEN_PAPER, epochs=100),
+    # The paper's tokenizer comparison / ablation recipe: every family, 100 epochs at batch 1024. No default
+    # model: a forgotten model= would otherwise train a tiny generator on ImageNet without a word.
+    "paper-100ep": dict(_GEN_PAPER, epochs=100, model=None),
     # System-level MAR (800 epochs), diffusion heads d6/w1024 (B) and d8/w1280 (L) are the builders' defaults.
     "mar_base-800ep": dict(_GEN_PAPER, model="mar_base", epochs=800),
     "mar_large-800ep": dict(_GEN_PAPER, model="mar_large", epochs=800),
@@ -316,8 +327,21 @@ GENERATOR_PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
+# Model arguments a generator preset gives one model, beneath any model_args the run sets itself.
+PRESET_MODEL_ARGS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    # The official 100-epoch MAR-B command (README, edited Dec 2025) uses --diffloss_d 3; earlier versions
+    # of that README said 6 (the 800-epoch system runs' head, mar_base's builder default).
+    "paper-100ep": {"mar_base": {"diffloss_d": 3}},
+}
+
+
 def resolve_generator_config(preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None):
-    return _resolve(GeneratorTrainConfig(), GENERATOR_PRESETS, "generator preset", preset, overrides)
+    cfg = _resolve(GeneratorTrainConfig(), GENERATOR_PRESETS, "generator preset", preset, overrides)
+    base = PRESET_MODEL_ARGS.get(preset or "", {}).get(cfg.model or "")
+    if base:
+        own = json.loads(cfg.model_args) if cfg.model_args else {}
+        cfg = dataclasses.replace(cfg, model_args=json.dumps({**base, **own}, sort_keys=True)).validate()
+    return cfg
 
 
 # The paper's corruption ablation: name -> (gamma, max mask ratio)
@@ -327,8 +351,7 @@ _IMAGENET = dict(dataset="imagenet", image_size=256, patch_size=16, latent_chann
                  num_workers=10, batch_size=1024, base_lr=1e-4, warmup_frac=0.25, schedule="cosine",
                  min_lr=0.0, weight_decay=1e-4, grad_clip=3.0, ema_decay=0.999, kl_weight=1e-6,
                  perceptual="lpips-convnext", perceptual_weight=1.0, disc_weight=0.1, eval_split="val",
-                 log_every=100, image_every=2000, ckpt_every=2500, keep_ckpts=1, milestone_every=125100,
-                 stats_images=50000)
+                 log_every=100, image_every=2000, ckpt_every=2500, keep_ckpts=1, milestone_every=125100)
 
 # CPU presets: 32 px, patch 8 (16 tokens x 16 channels), the 128x2 ViT; the sizes a 2-core pilot
 # measured at ~0.2 s/step. lr/warm-up/weight decay follow that pilot (AdamW 1.5e-3 absolute, short
@@ -336,7 +359,7 @@ _IMAGENET = dict(dataset="imagenet", image_size=256, patch_size=16, latent_chann
 _CPU = dict(model="detok_MM", image_size=32, patch_size=8, latent_channels=16, batch_size=128,
             max_steps=1500, lr=1.5e-3, warmup_frac=0.07, min_lr=1.5e-4, weight_decay=0.05,
             grad_clip=3.0, ema_decay=0.999, ema_warmup=True, perceptual="none", log_every=25, image_every=500,
-            ckpt_every=250, stats_images=10000)
+            ckpt_every=250)
 
 TOKENIZER_PRESETS: Dict[str, Dict[str, Any]] = {
     # The released detok_BB recipe: 200 epochs, batch 1024, gamma 3, M 0.7, GAN from epoch 100.
@@ -358,6 +381,20 @@ for _base in ("cpu-fmnist", "cpu-photos", "detok_SB-imagenet256-ablation"):
     for _v, (_g, _m) in VARIANTS.items():
         if _v != "detok":
             TOKENIZER_PRESETS[f"{_base}-{_v}"] = dict(TOKENIZER_PRESETS[_base], gamma=_g, max_mask_ratio=_m)
+
+# The decoder fine-tuning recipe for each base preset (what ``reproduce --decoder-ft`` runs after every
+# variant): the released recipe's changes to its pre-training (blr 1e-4 -> 5e-5, warm-up 25% -> 5%,
+# perceptual weight 1.0 -> 0.1, GAN from the start, 100 epochs), applied to each base. On CPU (no GAN, no
+# perceptual loss) that is half the learning rate and a 5% warm-up.
+_FT = dict(stage="decoder_ft", perceptual_weight=0.1, warmup_frac=0.05)
+TOKENIZER_PRESETS["detok_SB-imagenet256-ablation-decoder_ft"] = dict(
+    TOKENIZER_PRESETS["detok_SB-imagenet256-ablation"], **_FT, epochs=100, base_lr=5e-5, disc_start_epoch=0)
+for _base in ("cpu-fmnist", "cpu-photos"):
+    TOKENIZER_PRESETS[f"{_base}-decoder_ft"] = dict(TOKENIZER_PRESETS[_base], **_FT, lr=_CPU["lr"] / 2,
+                                                    min_lr=_CPU["min_lr"] / 2)
+DECODER_FT_PRESETS = {"detok_BB-imagenet256": "detok_BB-imagenet256-decoder_ft",
+                      "detok_SB-imagenet256-ablation": "detok_SB-imagenet256-ablation-decoder_ft",
+                      "cpu-fmnist": "cpu-fmnist-decoder_ft", "cpu-photos": "cpu-photos-decoder_ft"}
 
 # ---------------------------------------------------------------------------------------------
 # Reproductions of the corruption ablation (``ldetok reproduce``): presets of the same kind
@@ -386,20 +423,55 @@ class ReproduceConfig:
     noise_type: str = "interpolative"
     # the decoder fine-tuning stage after each tokenizer (encoder frozen, no corruption; the released
     # `-decoder_tuned` recipe): steps, 0 for none. Generators then train on the fine-tuned tokenizer
-    # (same latents: only the decoder changes). Its preset, when given, replaces the base preset with
-    # `stage=decoder_ft` (e.g. detok_BB-imagenet256-decoder_ft).
+    # (same latents: only the decoder changes). Its preset: decoder_ft_preset, else the base preset's
+    # decoder fine-tuning recipe (DECODER_FT_PRESETS).
     decoder_ft_steps: int = 0
     decoder_ft_preset: Optional[str] = None
-    guidance_scale: float = 1.5  # classifier-free guidance scale of the samples
+    # ---- sampling and its evaluation: defaults for every family, replaced per family by ``families``
+    guidance_scale: float = 1.5  # classifier-free guidance scale of the samples (when there is no search)
     # a guidance-scale search before the final evaluation (``eval.guidance_sweep``): each scale samples
-    # n_search images, the one with the lowest FD to the real images (Inception when measured, else the
+    # n_search images, the one with the lowest FD to the reference (Inception when measured, else the
     # first space) is used; () for none
     guidance_scales: Sequence[float] = ()
     n_search: int = 5000
-    sample_steps: Optional[int] = None
+    sample_steps: Optional[int] = None  # the final samples' steps (MAR: num_iter); None: the model's default
+    search_steps: Optional[int] = None  # the search's steps; None: sample_steps
+    temperature: float = 1.0
+    # per generator family ("mar") or name ("mar_base"; a name beats its family): any of SAMPLING_KEYS
+    # and generator config overrides (e.g. model_args) for that family only
+    families: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # what gFID and the guidance search are measured against (``eval.Reference.parse`` forms: an ADM
+    # .npz, released:NAME, DATASET:SPLIT[:N], a folder); None: the first n_eval images of the tokenizer's
+    # evaluation split (also the reference of rFID and of the classifier space)
+    reference: Optional[str] = None
     tok_overrides: Dict = field(default_factory=dict)
     gen_overrides: Dict = field(default_factory=dict)
-    model_args: Dict[str, str] = field(default_factory=dict)  # generator family -> its model_args JSON
+
+    def family_settings(self, name: str) -> Dict[str, Any]:
+        """``families``' entries for generator ``name``: its family's, then its own name's."""
+        fam = generators.family_of(name)
+        return {**self.families.get(fam, {}), **(self.families.get(name, {}) if name != fam else {})}
+
+    def sampling(self, name: str) -> "SamplingProtocol":
+        """The sampling and search settings of generator ``name`` (``mar_base``, ``sit``, ...)."""
+        own = {k: v for k, v in self.family_settings(name).items() if k in SAMPLING_KEYS}
+        base = dict(guidance_scale=self.guidance_scale, guidance_scales=tuple(self.guidance_scales),
+                    n_search=self.n_search, final_steps=self.sample_steps,
+                    search_steps=self.search_steps if self.search_steps is not None else self.sample_steps,
+                    temperature=self.temperature)
+        if "final_steps" in own and "search_steps" not in own and self.search_steps is None:
+            own["search_steps"] = own["final_steps"]
+        base.update(own)
+        base["guidance_scales"] = tuple(float(g) for g in base["guidance_scales"])
+        return SamplingProtocol(**base)
+
+    def generator_overrides(self, name: str) -> Dict[str, Any]:
+        """The generator config overrides ``families`` gives generator ``name`` (not its sampling keys)."""
+        return {k: v for k, v in self.family_settings(name).items() if k not in SAMPLING_KEYS}
+
+    def decoder_ft(self) -> Optional[str]:
+        """The tokenizer preset of the decoder fine-tuning stage."""
+        return self.decoder_ft_preset or DECODER_FT_PRESETS.get(self.tokenizer_preset)
 
 
     def validate(self) -> "ReproduceConfig":
@@ -421,9 +493,99 @@ class ReproduceConfig:
             errs.append("n_eval and n_search must be >= 1, decoder_ft_steps >= 0")
         if not all(0 <= t <= 1 for t in self.noise_levels):
             errs.append(f"noise_levels must be in [0, 1], got {list(self.noise_levels)}")
+        if self.decoder_ft_steps and self.decoder_ft() not in TOKENIZER_PRESETS:
+            errs.append(f"decoder fine-tuning needs a recipe for {self.tokenizer_preset!r}: set decoder_ft_preset")
+        errs += self._family_errors()
         if errs:
             raise ValueError("invalid reproduce config:\n  " + "\n  ".join(errs))
         return self
+
+    def _family_errors(self) -> List[str]:
+        errs = []
+        for key, settings in self.families.items():
+            if generators.family_of(key) not in generators.FAMILIES:
+                errs.append(f"families: {key!r} is no generator family or name; families: {', '.join(generators.FAMILIES)}")
+            others = {k: v for k, v in settings.items() if k not in SAMPLING_KEYS}
+            try:
+                parse_overrides(GeneratorTrainConfig, [f"{k}={v}" for k, v in others.items()])
+            except ValueError as e:
+                errs.append(f"families[{key!r}]: {e} (sampling keys: {', '.join(SAMPLING_KEYS)})")
+        for name in self.generators:
+            sp = self.sampling(name)
+            if sp.n_search < 1 or sp.temperature <= 0 or sp.guidance_scale < 1 or any(g < 1 for g in sp.guidance_scales):
+                errs.append(f"{name}: n_search must be >= 1, temperature > 0, guidance scales >= 1; got {sp}")
+            if any(s is not None and s < 1 for s in (sp.search_steps, sp.final_steps)):
+                errs.append(f"{name}: sampling steps must be >= 1, got search {sp.search_steps}, final {sp.final_steps}")
+        return errs
+
+
+# the per-family sampling keys of ``ReproduceConfig.families`` (``--gen-for FAMILY KEY=VALUE``) and their
+# aliases, the official command line's names
+SAMPLING_KEYS = ("guidance_scale", "guidance_scales", "n_search", "search_steps", "final_steps", "temperature")
+SAMPLING_ALIASES = {"cfg": "guidance_scale", "cfg_list": "guidance_scales", "num_iter": "final_steps",
+                    "num_iter_final": "final_steps", "num_iter_search": "search_steps",
+                    "num_images_for_eval_and_search": "n_search", "sample_steps": "final_steps"}
+
+
+@dataclass(frozen=True)
+class SamplingProtocol:
+    """How one generator family is sampled and its guidance scale chosen (``ReproduceConfig.sampling``)."""
+
+    guidance_scale: float  # used when guidance_scales is empty
+    guidance_scales: Tuple[float, ...]  # the search grid; () for none
+    n_search: int  # samples per searched scale
+    search_steps: Optional[int]  # sampler steps during the search (MAR: num_iter); None: the model's default
+    final_steps: Optional[int]  # sampler steps of the final samples
+    temperature: float
+
+
+def parse_family_settings(items: Sequence[str]) -> Dict[str, Any]:
+    """``["final_steps=256", "cfg_list=3.0,3.5", "model_args={...}"]`` -> typed settings for ``families``
+    (sampling keys by their names or aliases; any other key is a generator config override, checked)."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--gen-for setting {item!r} is not of the form key=value")
+        key, raw = (t.strip() for t in item.split("=", 1))
+        key = SAMPLING_ALIASES.get(key, key)
+        try:
+            if key == "guidance_scales":
+                out[key] = tuple(float(v) for v in raw.replace(";", ",").split(",") if v.strip())
+            elif key in ("n_search", "search_steps", "final_steps"):
+                out[key] = None if raw.lower() in ("none", "") else int(raw)
+            elif key in ("guidance_scale", "temperature"):
+                out[key] = float(raw)
+            else:
+                out.update(parse_overrides(GeneratorTrainConfig, [f"{key}={raw}"]))
+        except ValueError as e:
+            raise ValueError(f"--gen-for {key}={raw!r}: {e}") from None
+    return out
+
+
+# The official per-family evaluation settings (Jiawei-Yang/DeTok README and main_diffusion.py), for the
+# ImageNet presets. Generators with no official command take the nearest official family's grid.
+OFFICIAL_SAMPLING: Dict[str, Dict[str, Any]] = {
+    # MAR: cfg search --cfg_list 3.0 3.5 3.7 3.8 3.9 4.0 4.1 4.3 4.5 on --num_images_for_eval_and_search
+    # 10000 at --num_iter 64, then the 50k evaluation at --num_iter 256; --temperature 1.0; --cfg 4.0
+    # (the 100-epoch runs' default; linear cfg schedule is the model's default)
+    "mar": dict(guidance_scale=4.0, guidance_scales=(3.0, 3.5, 3.7, 3.8, 3.9, 4.0, 4.1, 4.3, 4.5), n_search=10000,
+                search_steps=64, final_steps=256, temperature=1.0),
+    # SiT: --cfg 1.6, search list 1.3 ... 2.0 on 10000, --num_sampling_steps 250 (dopri5 output grid)
+    "sit": dict(guidance_scale=1.6, guidance_scales=(1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0), n_search=10000,
+                search_steps=250, final_steps=250, temperature=1.0),
+    # DiT, LightningDiT: no official command (the README has none; issue #5 there asks for them); the code's
+    # --num_sampling_steps default 100; SiT's grid (the same velocity/epsilon-space guidance range)
+    "dit": dict(guidance_scale=1.6, guidance_scales=(1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0), n_search=10000,
+                search_steps=100, final_steps=100, temperature=1.0),
+    "lightningdit": dict(guidance_scale=1.6, guidance_scales=(1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0),
+                         n_search=10000, search_steps=100, final_steps=100, temperature=1.0),
+    # RandomAR / RasterAR: no official command; one token per step (256 steps, as the code's generate);
+    # MAR's grid (the same DiffLoss head and linear cfg ramp)
+    "randomar": dict(guidance_scale=4.0, guidance_scales=(3.0, 3.5, 3.7, 3.8, 3.9, 4.0, 4.1, 4.3, 4.5),
+                     n_search=10000, search_steps=None, final_steps=None, temperature=1.0),
+    "rasterar": dict(guidance_scale=4.0, guidance_scales=(3.0, 3.5, 3.7, 3.8, 3.9, 4.0, 4.1, 4.3, 4.5),
+                     n_search=10000, search_steps=None, final_steps=None, temperature=1.0),
+}
 
 
 REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
@@ -442,12 +604,12 @@ REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
                        tok_overrides=dict(model="detok_TT", image_size=64, patch_size=8, batch_size=256),
                        gen_overrides=dict(batch_size=256)),
     # the paper's ablation on an ImageNet folder (torchrun, several nodes): detok_SB 50 epochs, MAR-B and
-    # SiT-B 100 epochs at batch 1024, 50k samples
+    # SiT-B 100 epochs at batch 1024 (MAR-B's DiffLoss head at depth 3: PRESET_MODEL_ARGS), the official
+    # per-family cfg search on 10k and 50k final samples, gFID against ADM's reference statistics
     "gpu-imagenet-ablation": dict(
         tokenizer_preset="detok_SB-imagenet256-ablation", generator_preset="paper-100ep",
         generators=("mar_base", "sit_base"), budgets=((0, 0),), n_eval=50000, features=("inception",),
-        guidance_scale=3.0, guidance_scales=(2.0, 2.5, 3.0, 3.5, 4.0, 4.5), n_search=5000,
-        model_args={"mar_base": '{"diffloss_d": 3}'}),  # the 100-epoch runs' DiffLoss head: depth 3
+        families=OFFICIAL_SAMPLING, reference="released:adm_in256_stats"),
     # for tests: seconds
     "tiny": dict(variants=("ae", "detok"), generators=("sit",), budgets=((2, 2), (3, 3)), n_eval=16, n_inception=12,
                  features=("inception",), sample_steps=4,
@@ -580,13 +742,27 @@ def config_from_dict(cls, d: Dict[str, Any]):
     return apply_overrides(cls(), flatten(d)).validate()
 
 
+def _length_rule(cfg, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The one rule for a run's length: ``epochs``, when set, decides; but a ``max_steps`` given in
+    ``overrides`` (the command line, ``--budgets``, ``--decoder-ft STEPS``) without ``epochs`` beats a
+    preset's ``epochs``, which is then cleared, so the run's saved config says that ``max_steps`` decides."""
+    if not overrides or not hasattr(cfg, "optim"):
+        return dict(overrides or {})
+    keys = {_canonical(type(cfg), k) for k in overrides}
+    out = dict(overrides)
+    if "optim.max_steps" in keys and "optim.epochs" not in keys:
+        out["optim.epochs"] = None
+    return out
+
+
 def _resolve(base, presets: Dict[str, Dict[str, Any]], what: str, preset: Optional[str], overrides):
-    """Defaults <- the preset's fields <- ``overrides``, validated before any work starts."""
+    """Defaults <- the preset's fields <- ``overrides``, validated before any work starts. A ``max_steps``
+    override beats the preset's ``epochs`` (``_length_rule``)."""
     if preset is not None:
         if preset not in presets:
             raise ValueError(f"unknown {what} {preset!r}; available: {', '.join(sorted(presets))}")
         base = apply_overrides(base, presets[preset])
-    return apply_overrides(base, overrides or {}).validate()
+    return apply_overrides(base, _length_rule(base, overrides)).validate()
 
 
 def resolve_tokenizer_config(preset: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None):

@@ -32,20 +32,24 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .config import ReproduceConfig, resolve_generator_config, resolve_reproduce_config, resolve_tokenizer_config
+from .config import (GeneratorTrainConfig, ReproduceConfig, TokenizerTrainConfig, resolve_generator_config,
+                     resolve_reproduce_config, resolve_tokenizer_config)
 from .data import build_dataset, from_uint8, to_uint8
 from .engine.distributed import barrier, broadcast_object, cleanup, gather_objects, init_distributed, is_distributed
 from .engine.generator_trainer import train_generator
 from .engine.stats import fetch_batch
 from .engine.tokenizer_trainer import train_tokenizer
-from .eval import fd_from_features, guidance_sweep, kid_from_features, psnr, psnr_under_noise, ssim
+from . import generators
+from . import weights as W
+from .eval import Reference, fd_from_features, guidance_sweep, kid_from_features, psnr, psnr_under_noise, ssim
 from .eval.classifier import ClassifierFeatures
-from .eval.fid import InceptionFeatures
+from .eval.fid import InceptionFeatures, fid_from_stats, inception_score_from_logits, stats_from_features
+from .eval.inception import inception_score_available
 from .runs import atomic_write_text, load_generator_run, load_tokenizer, run_train_config
 from .sampling import generate_images
 from .viz import save_grid
 
-__all__ = ["reproduce", "headline_table", "parse_budgets"]
+__all__ = ["reproduce", "headline_table", "parse_budgets", "tokenizer_config", "generator_config", "protocol_table"]
 
 PAPER_VARIANTS = {"ae": "γ=0, M=0", "mask": "masking only (M=0.7)", "noise": "noise only (γ=3)",
                   "detok": "noise + masking (l-DeTok)"}
@@ -145,14 +149,21 @@ def parse_budgets(text: str) -> List[Tuple[int, int]]:
     return out
 
 
-def _local_features(exts, images: torch.Tensor, idx: Sequence[int], n_space) -> Dict[str, tuple]:
+def _local_features(exts, images: torch.Tensor, idx: Sequence[int], n_space, logits: bool = False) -> Dict[str, tuple]:
     """This rank's features per space: (indices, features) of its images whose index is below the
-    space's sample count."""
+    space's sample count; with ``logits``, also ``inception_logits`` (for the Inception Score) when the
+    real Inception weights are present."""
     out = {}
     for k, e in exts.items():
         lim = n_space(k)
         keep = [j for j, i in enumerate(idx) if lim is None or i < lim]
-        out[k] = ([idx[j] for j in keep], _features(e, images[keep]) if keep else None)
+        ids = [idx[j] for j in keep]
+        if logits and k == "inception" and e.inception_score_available:
+            got = e.extract(images[keep].split(100)) if keep else None
+            out[k] = (ids, np.asarray(got["2048"], np.float64) if keep else None)
+            out["inception_logits"] = (ids, got["logits_unbiased"] if keep else None)
+        else:
+            out[k] = (ids, _features(e, images[keep]) if keep else None)
     return out
 
 
@@ -171,19 +182,52 @@ def _gather(local: Dict[str, tuple]) -> Dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
+def tokenizer_config(P: ReproduceConfig, v: str, seed: int, tok_steps: int, tok_over: Dict,
+                     parent: Optional[str] = None, ft_steps: int = 0) -> TokenizerTrainConfig:
+    """The training config of variant ``v``'s tokenizer (``parent`` given: of its decoder fine-tuning,
+    ``ft_steps`` steps, with the base preset's decoder fine-tuning recipe). Steps given here (budgets,
+    ``--decoder-ft STEPS``) beat the preset's epochs."""
+    over = dict(tok_over, seed=seed)
+    if parent is not None:
+        return resolve_tokenizer_config(P.decoder_ft(), dict(over, stage="decoder_ft", init_from=parent,
+                                                             max_steps=ft_steps))
+    if tok_steps:
+        over["max_steps"] = tok_steps
+    return resolve_tokenizer_config(P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}", over)
+
+
+def generator_config(P: ReproduceConfig, name: str, tokenizer: str, seed: int, gen_steps: int,
+                     gen_over: Dict) -> GeneratorTrainConfig:
+    """The training config of generator ``name`` on ``tokenizer``: the generator preset, the reproduce
+    preset's and the command line's overrides (``--gen``), then ``families``' overrides for this family
+    only (``--gen-for``); its sample grids use the family's final sampling steps and scale."""
+    sp = P.sampling(name)
+    gover = {"sample_steps": sp.final_steps, "sample_guidance_scale": sp.guidance_scale,
+             "sample_temperature": sp.temperature, **gen_over, **P.generator_overrides(name),
+             "tokenizer": tokenizer, "model": name, "seed": seed}
+    if gen_steps:
+        gover["max_steps"] = gen_steps
+    return resolve_generator_config(P.generator_preset, gover)
+
+
+# ---------------------------------------------------------------------------------------------
 class _Run:
     """What every stage of one reproduction shares: the preset, the output folder, the process's place
     in the torchrun group, the progress line and the feature extractors with the real images' features
     (loaded on first need, then reused for every tokenizer). Rank 0 decides whether a stage is done and
     writes every file; the other ranks follow its decisions."""
 
-    def __init__(self, P: ReproduceConfig, out: Path, D, tok_over: Dict, gen_over: Dict, user_gen_over: Dict,
-                 ft_steps: int, prog: _Progress):
+    def __init__(self, P: ReproduceConfig, out: Path, D, tok_over: Dict, gen_over: Dict, ft_steps: int,
+                 prog: _Progress):
         self.P, self.out, self.D, self.prog = P, out, D, prog
         self.dev, self.main = D.device, D.is_main
-        self.tok_over, self.gen_over, self.user_gen_over, self.ft_steps = tok_over, gen_over, user_gen_over, ft_steps
+        self.tok_over, self.gen_over, self.ft_steps = tok_over, gen_over, ft_steps
         self.exts = None
         self.real_feats: Dict[str, np.ndarray] = {}
+        self.resolution: Optional[int] = None  # the tokenizer's image size (the reference's resolution)
+        self.reference_spec, self.reference_required = P.reference, False
+        self.gen_ref: Optional[Dict[str, tuple]] = None
+        self.ref_record: dict = {}
 
     def say(self, *a, **k) -> None:
         if self.main:
@@ -221,23 +265,19 @@ def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> Tuple[Path, 
     folder and tag of the tokenizer the generators use."""
 
     P = R.P
-    tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
     tag = f"{v}_s{seed}_t{tok_steps}"
     tok_dir = R.out / "tokenizers" / tag
-    over = dict(R.tok_over, seed=seed)
-    if tok_steps:
-        over["max_steps"] = tok_steps
+    cfg = tokenizer_config(P, v, seed, tok_steps, R.tok_over)
     R.stage(f"tokenizer {PAPER_VARIANTS[v]} seed {seed} ({tok_steps or 'preset'} steps)",
-            tok_dir / "tokenizer" / "tokenizer.json", tok_steps,
-            lambda: train_tokenizer(resolve_tokenizer_config(tpreset, over), tok_dir))
+            tok_dir / "tokenizer" / "tokenizer.json", tok_steps, lambda: train_tokenizer(cfg, tok_dir))
     if not R.ft_steps:
         return tok_dir, tag
-    # ---- decoder fine-tuning: encoder frozen, clean latents
+    # ---- decoder fine-tuning: encoder frozen, clean latents, the decoder fine-tuning recipe
     base_dir, tag = tok_dir, f"{tag}_ft{R.ft_steps}"
     tok_dir = R.out / "tokenizers" / tag
-    ft_over = dict(over, stage="decoder_ft", init_from=str(base_dir), max_steps=R.ft_steps)
-    R.stage(f"decoder fine-tuning {tag} ({R.ft_steps} steps)", tok_dir / "tokenizer" / "tokenizer.json", R.ft_steps,
-            lambda: train_tokenizer(resolve_tokenizer_config(P.decoder_ft_preset or tpreset, ft_over), tok_dir))
+    ft_cfg = tokenizer_config(P, v, seed, tok_steps, R.tok_over, parent=str(base_dir), ft_steps=R.ft_steps)
+    R.stage(f"decoder fine-tuning {tag} ({R.ft_steps} steps, {P.decoder_ft()})", tok_dir / "tokenizer" / "tokenizer.json",
+            R.ft_steps, lambda: train_tokenizer(ft_cfg, tok_dir))
     return tok_dir, tag
 
 
@@ -257,6 +297,7 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, seed: int, gen_evals: Dict[st
         return rec, {}, P.n_eval
     tok = load_tokenizer(tok_dir).to(R.dev).eval()
     cfg_t = run_train_config(tok_dir)
+    R.resolution = int(cfg_t.model.image_size)
     test = build_dataset(cfg_t.data.dataset, split=cfg_t.data.eval_split, image_size=cfg_t.model.image_size,
                          channels=cfg_t.model.in_channels, root=cfg_t.data.data_root)
     n = min(P.n_eval, len(test))
@@ -289,64 +330,97 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, seed: int, gen_evals: Dict[st
 
 def _generator_stage(R: _Run, fam: str, tag: str, tok_dir: Path, seed: int, gen_steps: int) -> Path:
     """Train (or find) generator family ``fam`` on the tokenizer in ``tok_dir``; returns its folder."""
-    P = R.P
     gdir = R.out / "generators" / f"{fam}_{tag}_g{gen_steps}"
-    # the preset's sample_steps replaces a --gen sample_steps=... override (kept as it always was)
-    gover = dict(R.gen_over, tokenizer=str(tok_dir), model=fam, seed=seed, sample_guidance_scale=P.guidance_scale,
-                 sample_steps=P.sample_steps)
-    if fam in P.model_args and "model_args" not in R.user_gen_over:
-        gover["model_args"] = P.model_args[fam]
-    if gen_steps:
-        gover["max_steps"] = gen_steps
+    cfg = generator_config(R.P, fam, str(tok_dir), seed, gen_steps, R.gen_over)
     R.stage(f"generator {fam} on {tag} ({gen_steps or 'preset'} steps)", gdir / "generator" / "generator.json",
-            gen_steps, lambda: train_generator(resolve_generator_config(P.generator_preset, gover), gdir))
+            gen_steps, lambda: train_generator(cfg, gdir))
     return gdir
 
 
-def _search_guidance(R: _Run, gen, gtok, seed: int, n: int) -> Tuple[float, Dict[str, float]]:
-    """``guidance_sweep`` over the preset's scales: FD of n_search samples (Inception when measured,
-    else the first space) to the real images, on other seeds than the final samples'."""
+def _reference(R: _Run) -> Dict[str, tuple]:
+    """gFID's reference per space, ``{space: (mu, sigma, features or None)}``, and its record in
+    ``R.ref_record``: ``P.reference`` in the Inception space when given and found (a missing preset
+    default falls back, loudly, to the evaluation split's images; a missing reference asked for on the
+    command line is an error), else the first n_eval images of the tokenizer's evaluation split."""
+    if R.gen_ref is not None:
+        return R.gen_ref
+    split = {k: (*stats_from_features(f), f) for k, f in R.real_feats.items()}
+    R.ref_record = {"kind": "evaluation split", "label": f"the first {R.P.n_eval} images of the evaluation split"}
+    spec = R.reference_spec
+    if spec and "inception" in R.exts:
+        try:
+            ref = Reference.parse(spec, resolution=R.resolution, count=R.P.n_eval)
+            split["inception"] = ref.stats("inception", R.exts["inception"], 2048)
+            R.ref_record = {**ref.record(), "label": ref.label}
+        except (FileNotFoundError, OSError, ValueError, KeyError) as e:
+            if R.reference_required:
+                raise
+            R.ref_record["fallback_from"] = spec
+            R.say(f"\n*** WARNING: the reference {spec} is not available ({str(e).splitlines()[0]}).\n"
+                  f"*** gFID FALLS BACK to {R.ref_record['label']}: NOT comparable with the paper's numbers.\n"
+                  f"*** Fetch it with `ldetok weights download {spec}` (or pass --reference).\n", flush=True)
+    R.gen_ref = split
+    return split
 
-    P = R.P
+
+def _ref_metrics(ref: tuple, f: np.ndarray) -> Tuple[float, Optional[float]]:
+    """(FD, KID or None) of features ``f`` against a reference ``(mu, sigma, features or None)``."""
+    mu, sigma, feats = ref
+    fd = fid_from_stats(*stats_from_features(f), mu, sigma)
+    return fd, (kid_from_features(f, feats)[0] if feats is not None else None)
+
+
+def _search_guidance(R: _Run, gen, gtok, fam: str, seed: int, n: int) -> Tuple[float, Dict[str, float]]:
+    """``guidance_sweep`` over the family's grid: FD of its n_search samples (at its search steps) to
+    the reference (Inception when measured, else the first space), on other seeds than the final samples'."""
+
+    sp = R.P.sampling(fam)
     space = "inception" if "inception" in R.exts else next(iter(R.exts))
-    ns = min(P.n_search, n)
+    ns = min(sp.n_search, n)
+    ref = _reference(R)[space]
 
     def score(images, indices, _protocol) -> float:
         f = _gather(_local_features({space: R.exts[space]}, _quantize(images), indices, lambda k: None))[space]
-        return fd_from_features(f, R.real_feats[space])
+        return _ref_metrics(ref, f)[0]
 
-    best, table = guidance_sweep(gen, gtok, P.guidance_scales, ns, score, steps=P.sample_steps, seed=seed + 500)
+    best, table = guidance_sweep(gen, gtok, sp.guidance_scales, ns, score, steps=sp.search_steps, seed=seed + 500,
+                                 temperature=sp.temperature)
     searched = {f"{g:g}": v for g, v in table.items()}
-    R.say(f"  cfg search ({space} FD, {ns} samples): {searched} -> cfg {best:g}")
+    R.say(f"  cfg search ({space} FD, {ns} samples, {sp.search_steps or 'default'} steps): {searched} -> cfg {best:g}")
     return best, searched
 
 
-def _evaluation_stage(R: _Run, gdir: Path, seed: int, n: int, recon_feats: Dict[str, np.ndarray]) -> dict:
+def _evaluation_stage(R: _Run, gdir: Path, fam: str, seed: int, n: int, recon_feats: Dict[str, np.ndarray]) -> dict:
     """Sample ``n`` class-balanced images (this rank: images rank, rank + world, ...; seeded seed + 1000
     rank) at the preset's (or the searched) guidance scale; FD and KID against the real images and FD
     against the reconstructions in every space, and a grid of the first 80."""
 
-    P, D = R.P, R.D
+    D = R.D
     gen, gtok, gm = load_generator_run(gdir, R.dev)
-    guidance_scale, searched = P.guidance_scale, {}
-    if P.guidance_scales:
-        guidance_scale, searched = _search_guidance(R, gen, gtok, seed, n)
+    sp = R.P.sampling(fam)
+    guidance_scale, searched = sp.guidance_scale, {}
+    if sp.guidance_scales:
+        guidance_scale, searched = _search_guidance(R, gen, gtok, fam, seed, n)
     mine = list(range(D.rank, n, D.world_size))
     labels = [i % gen.num_classes for i in mine] if gen.num_classes else None
-    imgs, _ = generate_images(gen, gtok, len(mine), guidance_scale=guidance_scale, steps=P.sample_steps,
-                              seed=seed + 1000 * D.rank, labels=labels)
+    imgs, _ = generate_images(gen, gtok, len(mine), guidance_scale=guidance_scale, steps=sp.final_steps,
+                              temperature=sp.temperature, seed=seed + 1000 * D.rank, labels=labels)
     imgs = _quantize(imgs)
-    feats = _gather(_local_features(R.exts, imgs, mine, R.n_space))
+    feats = _gather(_local_features(R.exts, imgs, mine, R.n_space, logits=True))
+    logits = feats.pop("inception_logits", None)
     first = [j for j, i in enumerate(mine) if i < 80]
     grid = _gather({"grid": ([mine[j] for j in first], imgs[first].numpy() if first else None)})["grid"]
+    ref = _reference(R)
     ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": guidance_scale, "n": n,
-          "sample_steps": P.sample_steps, "world_size": D.world_size}
+          "sample_steps": sp.final_steps, "temperature": sp.temperature, "world_size": D.world_size,
+          "reference": R.ref_record["label"]}
     if searched:
-        ev["cfg_search"] = json.dumps({"n": min(P.n_search, n), "fd": searched})
+        ev["cfg_search"] = json.dumps({"n": min(sp.n_search, n), "steps": sp.search_steps, "fd": searched})
+    if logits is not None:  # the real torch-fidelity Inception weights are present
+        ev["is[inception]"] = inception_score_from_logits(logits)[0]
     for k, f in feats.items():
         ev[f"n[{k}]"] = len(f)
-        ev[f"fd_gen_real[{k}]"] = fd_from_features(f, R.real_feats[k])
-        ev[f"kid_gen_real[{k}]"] = kid_from_features(f, R.real_feats[k])[0]
+        ev[f"fd_gen_real[{k}]"], ev[f"kid_gen_real[{k}]"] = _ref_metrics(ref[k], f)
         ev[f"fd_gen_recon[{k}]"] = fd_from_features(f, recon_feats[k])
     if R.main:
         save_grid(torch.from_numpy(grid), R.out / "samples" / f"{gdir.name}.png", nrow=10)
@@ -367,7 +441,7 @@ def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) ->
         ev = R.done(gen_evals[fam])
         skipped = ev is not None
         if not skipped:
-            ev = _evaluation_stage(R, gdir, seed, n, recon_feats)
+            ev = _evaluation_stage(R, gdir, fam, seed, n, recon_feats)
             R.save(gen_evals[fam], ev)
         R.prog.end(t, skipped)
         rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
@@ -375,20 +449,49 @@ def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) ->
     return rows
 
 
+def _with_command_line(P: ReproduceConfig, guidance_scales, n_search, gen_overrides: Dict,
+                       families: Optional[Dict[str, Dict]], reference: Optional[str]) -> ReproduceConfig:
+    """The preset with the command line's settings, which beat the preset's per-family ones: each is
+    written into ``families`` under the name of every generator it concerns (``--cfg-search``,
+    ``--n-search`` and ``--gen sample_steps=N`` concern all; ``--gen-for FAMILY`` its own)."""
+    fams = {k: dict(v) for k, v in P.families.items()}
+    every = {}
+    if guidance_scales is not None:
+        every["guidance_scales"] = tuple(float(g) for g in guidance_scales)
+    if n_search is not None:
+        every["n_search"] = int(n_search)
+    if (gen_overrides or {}).get("sample_steps") is not None:  # the final and the search steps
+        every["final_steps"] = every["search_steps"] = int(gen_overrides["sample_steps"])
+    for name in P.generators:
+        own = {}
+        for key, settings in (families or {}).items():
+            if key in (name, generators.family_of(name)):
+                own.update(settings)
+        if every or own:
+            fams[name] = {**fams.get(name, {}), **every, **own}
+    unknown = [k for k in (families or {}) if not any(k in (n, generators.family_of(n)) for n in P.generators)]
+    if unknown:
+        raise ValueError(f"--gen-for {', '.join(unknown)}: no such generator in this reproduction "
+                         f"({', '.join(P.generators)})")
+    P = replace(P, families=fams, reference=reference if reference is not None else P.reference)
+    return P.validate()
+
+
 def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants: Optional[Sequence[str]] = None,
               device: str = "auto", figures_dir="figures", budgets: Optional[Sequence[Tuple[int, int]]] = None,
               tok_overrides: Optional[Dict] = None, gen_overrides: Optional[Dict] = None,
               decoder_ft_steps: Optional[int] = None, guidance_scales: Optional[Sequence[float]] = None,
-              n_search: Optional[int] = None) -> List[dict]:
+              n_search: Optional[int] = None, families: Optional[Dict[str, Dict]] = None,
+              reference: Optional[str] = None, dry_run: bool = False) -> List[dict]:
     """Run (or resume) a reproduction; see the module docstring. Under torchrun every rank trains (DDP)
     and evaluates its share of the images (image i on rank i mod world size; sample chunks seeded by
     seed and rank), rank 0 decides which stages are done and writes every file. ``guidance_scales``
-    (with ``n_search``) replaces the preset's guidance-scale search."""
+    (with ``n_search``) replaces every family's guidance-scale search; ``families`` ({family or name:
+    settings}, ``--gen-for``) sets one family's sampling or training settings; ``reference`` replaces the
+    preset's gFID reference (and must then exist). ``dry_run`` prints the protocol and returns."""
 
-    P = resolve_reproduce_config(preset)
-    if guidance_scales is not None or n_search is not None:
-        P = replace(P, guidance_scales=tuple(P.guidance_scales if guidance_scales is None else guidance_scales),
-                    n_search=P.n_search if n_search is None else int(n_search))
+    P = _with_command_line(resolve_reproduce_config(preset), guidance_scales, n_search, gen_overrides or {},
+                           families, reference)
     seeds = list(seeds if seeds is not None else P.seeds)
     variants = list(variants or P.variants)
     unknown = [v for v in variants if v not in PAPER_VARIANTS]
@@ -396,6 +499,11 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
         raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(PAPER_VARIANTS)}")
     budgets = [tuple(b) for b in (budgets or P.budgets)]
     ft_steps = P.decoder_ft_steps if decoder_ft_steps is None else int(decoder_ft_steps)
+    tok_over = {**P.tok_overrides, **(tok_overrides or {})}
+    gen_over = {**P.gen_overrides, **(gen_overrides or {})}
+    if dry_run:
+        print(protocol_table(P, preset, variants, budgets, ft_steps, tok_over, gen_over))
+        return []
     out = Path(out)
     owns_group = not is_distributed()
     D = init_distributed(device)
@@ -405,8 +513,8 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
             plan += [("tokenizer", tok_steps or 1000)] + ([("tokenizer", ft_steps)] if ft_steps else [])
             plan += [("recon", P.n_eval)]
             plan += [("generator", gen_steps or 1000), ("sample", P.n_eval)] * len(P.generators)
-    R = _Run(P, out, D, {**P.tok_overrides, **(tok_overrides or {})}, {**P.gen_overrides, **(gen_overrides or {})},
-             dict(gen_overrides or {}), ft_steps, _Progress(plan, verbose=D.is_main))
+    R = _Run(P, out, D, tok_over, gen_over, ft_steps, _Progress(plan, verbose=D.is_main))
+    R.reference_required = reference is not None
     rows: List[dict] = []
     try:
         for tok_steps, gen_steps in budgets:
@@ -422,6 +530,53 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     return rows
 
 
+def _length(optim) -> str:
+    return f"{optim.epochs:g} epochs" if optim.epochs is not None else f"{optim.max_steps} steps"
+
+
+def _reference_status(P: ReproduceConfig) -> str:
+    if not P.reference:
+        return f"the first {P.n_eval} images of the evaluation split"
+    try:
+        found = W.locate(P.reference)[0] if W.is_spec(P.reference) else (Path(P.reference) if Path(P.reference).exists() else None)
+    except KeyError:
+        found = None
+    if W.is_spec(P.reference) or P.reference.endswith(".npz"):
+        return f"{P.reference} ({'present: ' + str(found) if found else 'NOT here: falls back to the evaluation split'})"
+    return P.reference
+
+
+def protocol_table(P: ReproduceConfig, preset: str, variants, budgets, ft_steps: int, tok_over: Dict,
+                   gen_over: Dict) -> str:
+    """Every protocol value of a reproduction, per variant and generator family (``--dry-run``)."""
+    is_on = inception_score_available() if "inception" in P.features else False
+    lines = [f"# ldetok reproduce --preset {preset} --dry-run", "",
+             f"- gFID reference: {_reference_status(P)}; rFID and the classifier space: the evaluation split",
+             f"- Inception Score: {'on' if is_on else 'off (the real torch-fidelity Inception weights are not here)'}",
+             f"- feature spaces: {', '.join(P.features)}; n = {P.n_eval} samples per evaluation"
+             + (f" (Inception on the first {P.n_inception})" if P.n_inception else ""),
+             f"- budgets (tokenizer/generator steps; 0 = the preset's length): {budgets}", ""]
+    rows = []
+    for (ts, gs) in budgets:
+        for v in variants:
+            tcfg = tokenizer_config(P, v, 0, ts, tok_over)
+            stats = ("whole training split, no flips" if tcfg.stats_images is None
+                     else f"class-stratified {tcfg.stats_images} images, no flips")
+            ft = (f"{P.decoder_ft()} for {ft_steps} steps" if ft_steps else "none")
+            for name in P.generators:
+                gcfg = generator_config(P, name, "<tokenizer>", 0, gs, gen_over)
+                sp = P.sampling(name)
+                grid = ",".join(f"{g:g}" for g in sp.guidance_scales) or f"none (cfg {sp.guidance_scale:g})"
+                c = tcfg.corruption
+                rows.append([v, f"{tcfg.model.name} γ={c.gamma:g} M={c.max_mask_ratio:g}, {_length(tcfg.optim)}", stats, ft,
+                             f"{gcfg.model} {_length(gcfg.optim)} {gcfg.model_args or ''}".strip(),
+                             grid, str(sp.n_search if sp.guidance_scales else "-"), str(sp.search_steps or "default"),
+                             str(sp.final_steps or "default"), f"{sp.temperature:g}"])
+    return "\n".join(lines) + _fmt_table(rows, ["variant", "tokenizer", "latent statistics", "decoder fine-tuning",
+                                               "generator", "CFG grid", "search n", "search steps", "final steps",
+                                               "temperature"])
+
+
 def _fmt_table(rows, headers) -> str:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -433,7 +588,7 @@ def headline_table(rows: List[dict]) -> str:
     seeds, mean ± standard deviation over them."""
     cols = [("PSNR", "psnr", ".2f"), ("PSNR t=0.5", "psnr_t0.5", ".2f"),
             ("rFID", "fd_recon_real[inception]", ".1f"), ("gFID", "fd_gen_real[inception]", ".1f"),
-            ("KID", "kid_gen_real[inception]", ".4f"), ("FD(samples, recon)", "fd_gen_recon[inception]", ".1f"),
+            ("KID", "kid_gen_real[inception]", ".4f"), ("IS", "is[inception]", ".1f"), ("FD(samples, recon)", "fd_gen_recon[inception]", ".1f"),
             ("FD-clf(samples, real)", "fd_gen_real[classifier]", ".1f"),
             ("FD-clf(samples, recon)", "fd_gen_recon[classifier]", ".1f"), ("gen loss", "generator_loss", ".3f")]
     cols = [c for c in cols if any(r.get(c[1]) not in (None, "") for r in rows)]
@@ -466,7 +621,7 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         w.writerows(rows)
     metrics = [k for k in keys if k not in ("variant", "generator", "seed", "tok_steps", "gen_steps", "cfg", "n",
                                             "n_recon", "sample_steps", "world_size", "decoder_ft_steps",
-                                            "cfg_search")
+                                            "cfg_search", "temperature", "reference")
                and not k.startswith("n[")]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
@@ -479,7 +634,8 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
              f"{rows[0]['sample_steps'] or 'default'} sampler steps), n = {rows[0]['n']} per set; feature spaces "
              f"({counts or ', '.join(P.features)}); seeds {sorted({r['seed'] for r in rows})}, mean ± std over seeds."
              + (f" Tokenizers after {rows[0]['decoder_ft_steps']} steps of decoder fine-tuning."
-                if rows[0].get("decoder_ft_steps") else ""),
+                if rows[0].get("decoder_ft_steps") else "")
+             + (f" gFID/KID reference: {rows[0]['reference']}." if rows[0].get("reference") else ""),
              "",
              "- `psnr`, `ssim`: clean reconstructions (posterior mean, 8-bit rounded); `psnr_tT`: decodes (float) of "
              "raw latents corrupted by (1-t)·z + t·3·ε, each image's ε seeded by (seed, image index) "

@@ -97,11 +97,15 @@ def test_loss_seeded_and_label_dropout():
     assert abs((dropped == m.null_class).float().mean().item() - 0.1) < 0.02
 
 
-def test_lightningdit_loss_includes_cosine_term():
-    m = perturbed("lightningdit")
+def test_lightningdit_loss_is_mse_by_default_and_cosine_is_an_option():
+    """The default matches the official code path (MSE only); use_cosine_loss=True adds (1 - cos)."""
+    default = perturbed("lightningdit")
+    x, y = toy_data(8)
+    d = default.loss_terms(x, y, generator=g(3))
+    assert not default.use_cosine_loss and torch.equal(d["loss"], d["mse"]) and (d["cos"] > 0).all()
+    m = perturbed("lightningdit", use_cosine_loss=True)
     plain = tiny("lightningdit", use_cosine_loss=False).eval()
     plain.load_state_dict(m.state_dict())
-    x, y = toy_data(8)
     terms = m.loss_terms(x, y, generator=g(3))
     assert torch.allclose(terms["loss"], terms["mse"] + terms["cos"])
     assert (terms["cos"] > 0).all()

@@ -233,28 +233,21 @@ def test_every_preset_resolves_and_builds(name):
     """Each preset's tokenizer variants and generator families resolve to valid configs, and the models
     they describe can be constructed (on the meta device: no memory, no weights), so a GPU preset cannot
     fail on a config error hours into a run."""
-    from ldetok.config import resolve_generator_config, resolve_tokenizer_config
     from ldetok.generators import build_generator
     from ldetok.tokenizers import build_sized
 
     P = resolve_reproduce_config(name)
     for v in P.variants:
-        tpreset = P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}"
-        tcfg = resolve_tokenizer_config(tpreset, dict(P.tok_overrides, seed=0))
+        tcfg = R.tokenizer_config(P, v, 0, 0, P.tok_overrides)
         with torch.device("meta"):
             m = tcfg.model
             tok = build_sized(m.name, m.image_size, m.patch_size, m.in_channels, m.latent_channels)
         latent_shape = tok.latent_shape(tcfg.model.image_size)
         if P.decoder_ft_steps:
-            resolve_tokenizer_config(P.decoder_ft_preset or tpreset,
-                                     dict(P.tok_overrides, stage="decoder_ft", init_from="x", max_steps=1))
+            R.tokenizer_config(P, v, 0, 0, P.tok_overrides, parent="x", ft_steps=1)
     assert set(P.variants) <= set(R.PAPER_VARIANTS)
     for fam in P.generators:
-        gover = dict(P.gen_overrides, tokenizer="x", model=fam, seed=0, sample_guidance_scale=P.guidance_scale,
-                     sample_steps=P.sample_steps)
-        if fam in P.model_args:
-            gover["model_args"] = P.model_args[fam]
-        gcfg = resolve_generator_config(P.generator_preset, gover)
+        gcfg = R.generator_config(P, fam, "x", 0, 0, P.gen_overrides)
         extra = json.loads(gcfg.model_args) if gcfg.model_args else {}
         with torch.device("meta"):
             gen = build_generator(gcfg.model, latent_shape=latent_shape, num_classes=10, **extra)

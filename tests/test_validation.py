@@ -91,7 +91,7 @@ def test_generator_values_refused_before_the_cache(capsys, no_work, tok_run, tmp
     ("log_every=0", "log_every must be >= 1, got 0"),
     ("ckpt_every=0", "ckpt_every must be >= 1, got 0"),
     ("image_every=-1", "image_every must be >= 0"),
-    ("stats_images=0", "stats_images >= 1"),
+    ("stats_images=0", "stats_images >= 2"),
     ("grad_accum=0", "batch_size and grad_accum must be >= 1"),
     ("patch_size=0", "patch_size and latent_channels >= 1"),
     ("in_channels=2", "in_channels must be 1 or 3"),

@@ -2,18 +2,39 @@
 
 Generators train on ``(z - mean_c) / std_c``. Following the official ``collect_tokenizer_stats``, the
 statistics are those of the posterior *means* (no masking, no noise, no flip), per latent channel,
-over the first ``n`` images of the dataset; each rank takes its shard and the sums are all-reduced.
+over the whole dataset (the official protocol: the whole ImageNet train split) or, when asked, a
+class-stratified sample of it (``stratified_indices``); each rank takes its shard and the sums are
+all-reduced.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .distributed import all_reduce_sum, get_rank, get_world_size
 
-__all__ = ["collect_latent_stats", "fetch_batch"]
+__all__ = ["collect_latent_stats", "fetch_batch", "stratified_indices", "stats_source"]
+
+
+def stratified_indices(total: int, n: Optional[int]) -> list:
+    """``n`` indices spread evenly over ``range(total)`` (all of them when ``n`` is None or >= total). On a
+    class-sorted folder (ImageNet's train split) every class is then represented in proportion, where
+    the first ``n`` images would cover only the first few classes."""
+    if n is None or n >= total:
+        return list(range(total))
+    if n < 1:
+        raise ValueError(f"need at least one image for the statistics, got n={n}")
+    return sorted({int(i) for i in np.linspace(0, total - 1, int(n)).round()})
+
+
+def stats_source(total: int, n: Optional[int]) -> str:
+    """How ``collect_latent_stats`` chose its images, for the run's records."""
+    if n is None or n >= total:
+        return f"whole training split ({total} images), posterior means, no flips"
+    return f"class-stratified sample of {n} of {total} training images (evenly spaced), posterior means, no flips"
 
 
 def fetch_batch(dataset, indices):
@@ -28,12 +49,13 @@ def fetch_batch(dataset, indices):
 @torch.no_grad()
 def collect_latent_stats(tokenizer, dataset, n: Optional[int] = None, batch_size: int = 256, device="cpu",
                          set_on_tokenizer: bool = True):
-    """Per-channel (mean, std) of posterior means over the first ``n`` images (all when None).
+    """Per-channel (mean, std) of posterior means over ``n`` images spread evenly over ``dataset``
+    (``stratified_indices``; all of them when None). ``dataset`` must not flip or crop at random.
 
     Accumulates in float64; returns CPU float32 tensors of shape (C,), and installs them on the
     tokenizer unless ``set_on_tokenizer=False``.
     """
-    n = len(dataset) if n is None else min(int(n), len(dataset))
+    chosen = stratified_indices(len(dataset), n)
     rank, world = get_rank(), get_world_size()
     was_training = tokenizer.training
     tokenizer.eval()
@@ -41,7 +63,7 @@ def collect_latent_stats(tokenizer, dataset, n: Optional[int] = None, batch_size
     s1 = torch.zeros(c, dtype=torch.float64, device=device)
     s2 = torch.zeros(c, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    mine = list(range(rank, n, world))
+    mine = chosen[rank::world]
     for i in range(0, len(mine), batch_size):
         x, _ = fetch_batch(dataset, mine[i:i + batch_size])
         z = tokenizer.encode(x.to(device)).double()  # (B, C, h, w)

@@ -11,6 +11,7 @@ state-dict free of DDP prefixes).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 from pathlib import Path
 from typing import List
@@ -28,7 +29,7 @@ from ..tokenizers import Tokenizer, build_sized, load_official_detok
 from .distributed import barrier, unwrap_model
 from .logging import image_grid
 from .optim import build_adamw, param_groups
-from .stats import collect_latent_stats, fetch_batch
+from .stats import collect_latent_stats, fetch_batch, stats_source
 from .trainer import Trainer, run_trainer
 
 __all__ = ["train_tokenizer", "TokenizerTrainer"]
@@ -171,11 +172,16 @@ class TokenizerTrainer(Trainer):
     def finish(self) -> dict:
         """EMA tokenizer + latent statistics -> ``run_dir/tokenizer`` (what generators and eval load)."""
         tok = self.ema.module(self.model).to(self.device).eval()
-        mean, std = collect_latent_stats(tok, self.train_set, self.cfg.stats_images, device=self.device)
+        stats_set = self.train_set
+        if getattr(stats_set, "train", False):  # an ImageFolder flips at random in training: not for statistics
+            stats_set = copy.copy(stats_set)
+            stats_set.train = False
+        mean, std = collect_latent_stats(tok, stats_set, self.cfg.stats_images, device=self.device)
         summary = {"step": self.step, "latent_mean": mean.tolist(), "latent_std": std.tolist()}
         if self.dist.is_main:
             save_tokenizer(tok, RunLayout(self.run_dir).tokenizer,
                            extra={"step": self.step, "ema": True, "stats_images": self.cfg.stats_images,
+                                  "stats_source": stats_source(len(stats_set), self.cfg.stats_images),
                                   "train_config": asdict(self.cfg), "corruption": self.encoder_corruption.to_dict()})
             self.log_images()
             self.logger.log_line(f"exported the EMA tokenizer with latent statistics to {RunLayout(self.run_dir).tokenizer}")

@@ -19,7 +19,7 @@ from .lightningdit import LightningDiT, LightningDiT_models
 from .mar import MAR, MAR_models, load_official_mar
 from .sit import SiT, SiT_models
 
-__all__ = ["Generator", "MAR", "ARDiff", "DiT", "SiT", "LightningDiT", "REGISTRY", "FAMILIES", "available",
+__all__ = ["Generator", "MAR", "ARDiff", "DiT", "SiT", "LightningDiT", "REGISTRY", "FAMILIES", "family_of", "available",
            "build_generator", "build_from_config", "load_official_mar"]
 
 REGISTRY: Dict[str, Callable[..., Generator]] = {
@@ -29,6 +29,11 @@ REGISTRY: Dict[str, Callable[..., Generator]] = {
 FAMILIES = {"mar": "mar_tiny", "randomar": "randomar_tiny", "rasterar": "rasterar_tiny", "dit": "dit_tiny",
             "sit": "sit_tiny", "lightningdit": "lightningdit_tiny"}
 _KINDS = {"mar": MAR, "ardiff": ARDiff, "dit": DiT, "sit": SiT, "lightningdit": LightningDiT}
+
+
+def family_of(name: str) -> str:
+    """The family of a generator registry or family name: ``mar_base`` -> ``mar``, ``sit`` -> ``sit``."""
+    return name if name in FAMILIES else name.rsplit("_", 1)[0]
 
 
 def available() -> list:

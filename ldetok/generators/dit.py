@@ -15,7 +15,8 @@ tokenizer comparison: learn-sigma, linear beta schedule, 250 ancestral steps).
   ``final_layer.linear``, ``pos_embed``).
 - ``DiT``: epsilon prediction with learned sigma (2C output channels), 1000-step DDPM with the linear
   beta schedule, IDDPM hybrid loss (MSE + VLB), t uniform over [0, 1000). Sampling is ancestral,
-  respaced to ``steps`` (250 by default as the paper's evaluation).
+  respaced to ``steps`` (100 by default: the official code's ``--num_sampling_steps`` default; the
+  paper's text says 250, pass ``steps=250`` for that).
 - CFG (all three families): when ``guidance_scale > 1`` the conditional and null-class branches run
   as one doubled batch and combine as ``uncond + guidance_scale * (cond - uncond)`` on every latent
   channel (the l-DeTok default) or only on the first 3 channels (``cfg_channels="first3"``, DiT's legacy
@@ -359,7 +360,7 @@ class DiT(AdaLNZeroTransformer):
                                                      learn_sigma=True)
         return self._respaced[steps]
 
-    def run_sampler(self, model_fn, n: int, y: torch.Tensor, steps: int = 250, temperature: float = 1.0,
+    def run_sampler(self, model_fn, n: int, y: torch.Tensor, steps: int = 100, temperature: float = 1.0,
                     generator=None) -> torch.Tensor:
         """Ancestral sampling of ``n`` latents with ``model_fn(x, t, y)`` (the draw order is fixed: initial
         noise first, then the per-step noise inside the loop)."""
@@ -374,7 +375,7 @@ class DiT(AdaLNZeroTransformer):
     def sample(self, n: int, labels=None, guidance_scale: float = 1.0, steps: Optional[int] = None,
                temperature: float = 1.0, generator: Optional[torch.Generator] = None,
                cfg_channels: Optional[str] = None) -> torch.Tensor:
-        """Ancestral DDPM sampling respaced to ``steps`` (default 250); CFG on all channels when
+        """Ancestral DDPM sampling respaced to ``steps`` (default 100); CFG on all channels when
         guidance_scale > 1
         (``cfg_channels="first3"``: DiT's legacy mode)."""
         mode = cfg_channels or self.cfg_channels
@@ -382,7 +383,7 @@ class DiT(AdaLNZeroTransformer):
             raise ValueError(f"cfg_channels must be 'all' or 'first3', got {mode!r}")
         y = self.sample_labels(n, labels, self.device)
         fn = self.guided_fn(guidance_scale, channels=self.in_channels if mode == "all" else min(3, self.in_channels))
-        return self.run_sampler(fn, n, y, steps=250 if steps is None else steps, temperature=temperature,
+        return self.run_sampler(fn, n, y, steps=100 if steps is None else steps, temperature=temperature,
                                 generator=generator)
 
     def config_dict(self) -> dict:

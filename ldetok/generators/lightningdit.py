@@ -14,10 +14,12 @@ interval from t = 0.10).
   index and the second half with the column index; inside each half, adjacent channel pairs (2i, 2i+1)
   share the frequency 10000^(-2i / (head_dim/2)), positions are the integer grid indices. This is the
   textbook axial 2D RoPE with interleaved pairs, so it uses ``layers.apply_rope`` directly.
-- Objective: ``Transport`` with logit-normal t (mean 0, std 1) and ``use_cosine_loss=True``: velocity
-  MSE + (1 - cosine similarity). The official l-DeTok re-implementation computes the cosine term but
-  returns only the MSE; LightningDiT's own training adds it, and so do we.
-- Sampling: Euler ODE over ``steps`` (default 250, the paper's evaluation) on a time grid shifted by
+- Objective: ``Transport`` with logit-normal t (mean 0, std 1): velocity MSE, as the official l-DeTok
+  code path behind the paper's LightningDiT column trains (it computes the cosine term but returns only
+  the MSE). ``use_cosine_loss=True`` (``model_args={"use_cosine_loss": true}``) adds (1 - cosine
+  similarity) as LightningDiT's own training does: a deliberate departure from the paper's code path.
+- Sampling: Euler ODE over ``steps`` (default 100: the official code's ``--num_sampling_steps``
+  default; the paper's text says 250, pass ``steps=250`` for that) on a time grid shifted by
   ``time_shift(t, 0.3)`` (denser near the noise end), noise scaled by ``temperature``. CFG interval: a
   constant scale on all channels where t >= 0.10; for t < 0.10 (the noise end, t = 0 is noise) the
   conditional prediction is used alone.
@@ -59,7 +61,7 @@ class LightningDiT(AdaLNZeroTransformer):
     block_mlp = "swiglu"
     learnable_pos = True
 
-    def __init__(self, *args, use_rope: bool = True, use_cosine_loss: bool = True, **kwargs):
+    def __init__(self, *args, use_rope: bool = True, use_cosine_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.use_rope, self.use_cosine_loss = bool(use_rope), bool(use_cosine_loss)
         cos, sin = rope_2d_tables(self.hidden_size // self.num_heads, *self.grid)
@@ -74,7 +76,8 @@ class LightningDiT(AdaLNZeroTransformer):
         return self.rope_cos[None, None], self.rope_sin[None, None]  # broadcast over (B, H)
 
     def loss_terms(self, latents, labels=None, generator=None) -> dict:
-        """Per-sample terms ``dict(loss, mse, cos)`` with loss = mse + cos (t ~ logit-normal(0, 1))."""
+        """Per-sample terms ``dict(loss, mse, cos)``: loss = mse, or mse + cos with ``use_cosine_loss``
+        (t ~ logit-normal(0, 1)); ``cos`` is reported either way."""
         self._check_latents(latents)
         b, dev = latents.shape[0], latents.device
         y = self.prepare_labels(labels, b, dev, generator)
@@ -87,7 +90,7 @@ class LightningDiT(AdaLNZeroTransformer):
 
     forward = loss
 
-    def run_sampler(self, model_fn, n: int, y: torch.Tensor, steps: int = 250, temperature: float = 1.0,
+    def run_sampler(self, model_fn, n: int, y: torch.Tensor, steps: int = 100, temperature: float = 1.0,
                     generator=None, shift: Optional[float] = 0.3, method: str = "euler") -> torch.Tensor:
         """Fixed-step ODE from scaled noise (t=0) to data (t=1) on the shifted grid; one draw (the noise)."""
         x0 = randn((n, *self.latent_shape), generator, self.device) * float(temperature)
@@ -97,11 +100,11 @@ class LightningDiT(AdaLNZeroTransformer):
     def sample(self, n: int, labels=None, guidance_scale: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,
                generator: Optional[torch.Generator] = None, shift: Optional[float] = 0.3,
                cfg_interval_start: float = 0.10, method: str = "euler") -> torch.Tensor:
-        """Euler (default, ``steps`` default 250) with time shift 0.3; CFG on all channels where
+        """Euler (default, ``steps`` default 100) with time shift 0.3; CFG on all channels where
         t >= ``cfg_interval_start`` (0 disables the interval)."""
         y = self.sample_labels(n, labels, self.device)
         fn = self.guided_fn(guidance_scale, interval_start=cfg_interval_start if cfg_interval_start > 0 else None)
-        return self.run_sampler(fn, n, y, steps=250 if steps is None else steps, temperature=temperature,
+        return self.run_sampler(fn, n, y, steps=100 if steps is None else steps, temperature=temperature,
                                 generator=generator, shift=shift, method=method)
 
     def config_dict(self) -> dict:
