@@ -306,7 +306,14 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:  # bad input, a wrong or damaged run folder (RunFolderError)
+        print(f"ldetok {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from .engine.trainer import NonFiniteTrainingError  # already loaded by the training command that raised it
+
+        if not isinstance(e, NonFiniteTrainingError):
+            raise
         print(f"ldetok {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -445,13 +445,14 @@ class RunFolderLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 self._flock(fd, me)
-                # the previous holder removes the file when it releases: lock only the file at the path
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
             except BaseException:
                 os.close(fd)
                 raise
+            # the previous holder removes the file when it releases: lock only the file at the path
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
             if same:
                 break
             os.close(fd)
