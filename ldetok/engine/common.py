@@ -23,7 +23,8 @@ __all__ = ["autocast_ctx", "effective_precision", "configure_tf32", "compile_for
 # Config fields (by leaf name) that may change between a run and its resumption (length, bookkeeping,
 # placement, sampling for logs).
 RESUME_FREE_KEYS = {"max_steps", "epochs", "log_every", "image_every", "sample_every", "ckpt_every", "keep_ckpts",
-                    "milestone_every", "max_nonfinite_steps", "tensorboard", "wandb_project", "num_workers", "device", "dist_timeout_min",
+                    "milestone_every", "tensorboard", "wandb_project", "num_workers", "device", "dist_timeout_min",
+                    "max_nonfinite_steps",
                     "sample_guidance_scale", "sample_steps", "sample_temperature",
                     # execution strategies: a resumed run may switch them (compile changes rounding only)
                     "compile", "grad_checkpointing"}
