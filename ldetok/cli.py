@@ -409,9 +409,16 @@ def main(argv=None) -> int:
             print(f"ldetok {args.command}: {line}", flush=True)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:  # bad input, a wrong or damaged run folder (RunFolderError)
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() is its quoted repr
         print(f"ldetok {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from .engine.trainer import NonFiniteTrainingError  # already loaded by the training command that raised it
+
+        if not isinstance(e, NonFiniteTrainingError):
+            raise
+        print(f"ldetok {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -135,6 +135,7 @@ class RunConfig:
     ckpt_every: int = 200
     keep_ckpts: int = 2
     milestone_every: int = 0
+    max_nonfinite_steps: int = 20  # consecutive skipped (non-finite loss or gradient) steps that stop a run
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     # ---- throughput (how a run executes; none of them changes what a CPU run computes) ------------
@@ -148,7 +149,7 @@ class RunConfig:
     def validate(self, errs: List[str]) -> None:
         if self.precision not in PRECISIONS:
             errs.append(f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("log_every", "ckpt_every", "keep_ckpts"):
+        for name in ("log_every", "ckpt_every", "keep_ckpts", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 errs.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.milestone_every < 0:

@@ -15,13 +15,17 @@ and each finished shard leaves an empty marker in ``<cache>.tmp/done/`` once its
 killed build resumes with the missing shards only (with any number of ranks). Rank 0 writes the header
 (``meta.json``, marked complete, with the statistics) last and renames the folder into place. The
 arrays are shared files, so with several nodes the cache folder must be on a filesystem they all see.
+
+A complete cache is reused only after checking it: the tokenizer fingerprint, a readable header, and every
+array's header shape and file size against the header. A damaged cache (a truncated ``moments.npy``, a
+garbled ``meta.json``) is said to be damaged and rebuilt; ``LatentCache`` refuses one with a
+``DamagedFileError`` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import shutil
@@ -37,7 +41,8 @@ from .data import build_dataset
 from .engine.common import autocast_ctx
 from .engine.distributed import barrier, broadcast_object, get_rank, get_world_size
 from .engine.stats import fetch_batch
-from .runs import WEIGHTS, RunLayout, atomic_write_json, load_tokenizer, run_train_config, tokenizer_dir
+from .runs import (WEIGHTS, DamagedFileError, RunLayout, atomic_write_json, file_digest, load_tokenizer,
+                   run_train_config, tokenizer_dir)
 from .tokenizers.base import DiagonalGaussian
 
 __all__ = ["tokenizer_fingerprint", "build_latent_cache", "LatentCache", "LatentStatsMismatch", "DEFAULT_SHARD_SIZE"]
@@ -54,11 +59,7 @@ class LatentStatsMismatch(ValueError):
 def tokenizer_fingerprint(tok_dir) -> str:
     """sha256 of the exported tokenizer weights (``model.safetensors``), the identity of a cache.
     ``tok_dir``: a tokenizer run or an exported tokenizer folder."""
-    h = hashlib.sha256()
-    with open(tokenizer_dir(tok_dir) / WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_digest(tokenizer_dir(tok_dir) / WEIGHTS)[:16]
 
 
 @dataclass(frozen=True)
@@ -168,12 +169,23 @@ def _on_rank0(fn: Callable):
 # Rank 0: decide, prepare, finish
 # ---------------------------------------------------------------------------------------------
 def _reusable(job: _Job, fp: str, verbose: bool) -> bool:
-    """True for a complete cache of these weights; refuses an explicitly named cache of another tokenizer."""
+    """True for a complete, undamaged cache of these weights; refuses an explicitly named cache of another
+    tokenizer. A damaged one is reported (it is then rebuilt)."""
     meta_path = job.out / "meta.json"
     if not meta_path.exists():
         return False
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = _read_meta(job.out)
+    except DamagedFileError as e:
+        if verbose:
+            print(f"latent cache damaged, rebuilding it: {e}", flush=True)
+        return False
     if meta.get("complete") and meta.get("tokenizer_fingerprint") == fp and meta.get("limit") == job.limit:
+        problem = _damage(job.out, meta)
+        if problem is not None:
+            if verbose:
+                print(f"latent cache damaged, rebuilding it: {problem}", flush=True)
+            return False
         if verbose:
             print(f"latent cache up to date: {job.out} ({meta['count']} items)")
         return True
@@ -209,6 +221,59 @@ def _plan(tok, job: _Job, shard_size: int, verbose: bool):
 
 def _array_names(flip: bool) -> list:
     return ["moments.npy", "moments_flip.npy", "labels.npy"] if flip else ["moments.npy", "labels.npy"]
+
+
+_META_KEYS = ("complete", "tokenizer", "tokenizer_fingerprint", "latent_mean", "latent_std", "count", "latent_shape",
+              "flip", "num_classes")
+_REBUILD = "run the command again to rebuild it (a damaged default cache is rebuilt), or remove the folder"
+
+
+def _read_meta(cache: Path) -> dict:
+    """``meta.json`` of a cache folder; a garbled one, or one without the header's keys, is a ``DamagedFileError``."""
+    path = cache / "meta.json"
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DamagedFileError(f"{path} is damaged (not valid JSON: {e}); {_REBUILD}") from None
+    if not isinstance(meta, dict):
+        raise DamagedFileError(f"{path} is damaged (not a JSON object); {_REBUILD}")
+    if meta.get("complete"):
+        missing = [k for k in _META_KEYS if k not in meta]
+        if missing:
+            raise DamagedFileError(f"{path} is damaged (missing {', '.join(missing)}); {_REBUILD}")
+    return meta
+
+
+def _npy_layout(path: Path):
+    """(shape, dtype, data offset) from a .npy header; ValueError for a file that is not one."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return tuple(shape), dtype, f.tell()
+
+
+def _damage(cache: Path, meta: dict) -> Optional[str]:
+    """What is wrong with a complete cache's arrays (None when nothing): each must exist, have a readable
+    header with the shape the header of the cache promises, and the file size that shape needs."""
+    c, h, w = meta["latent_shape"]
+    n = int(meta["count"])
+    for name in _array_names(bool(meta.get("flip"))):
+        path = cache / name
+        want = (n,) if name == "labels.npy" else (n, 2 * c, h, w)
+        try:
+            shape, dtype, offset = _npy_layout(path)
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except (OSError, ValueError) as e:
+            return f"{path} has no valid .npy header ({e})"
+        if shape != want:
+            return f"{path} holds an array of shape {shape}, expected {want}"
+        need = offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        size = path.stat().st_size
+        if size != need:
+            return f"{path} is {size} bytes, expected {need} (truncated or altered)"
+    return None
 
 
 def _open_temp(tmp: Path, key: dict, shard_size: int):
@@ -287,11 +352,7 @@ def _shard_views(tmp: Path, names, lo: int, hi: int) -> list:
     only its shard)."""
     views = []
     for name in names:
-        with open(tmp / name, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
-            offset = f.tell()
+        shape, dtype, offset = _npy_layout(tmp / name)
         row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         views.append(np.memmap(tmp / name, dtype=dtype, mode="r+", offset=offset + lo * row,
                                shape=(hi - lo, *shape[1:])))
@@ -343,9 +404,12 @@ class LatentCache(torch.utils.data.Dataset):
         meta_path = self.dir / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{self.dir}: not a latent cache (no meta.json); build it with build_latent_cache")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = _read_meta(self.dir)
         if not self.meta.get("complete"):
             raise ValueError(f"{self.dir}: the cache is incomplete (an interrupted build); build it again")
+        problem = _damage(self.dir, self.meta)
+        if problem is not None:
+            raise DamagedFileError(f"latent cache {self.dir} is damaged: {problem}; {_REBUILD}")
         self.moments = np.load(self.dir / "moments.npy", mmap_mode="r")
         self.moments_flip = np.load(self.dir / "moments_flip.npy", mmap_mode="r") if self.meta.get("flip") else None
         self.labels = torch.from_numpy(np.load(self.dir / "labels.npy"))

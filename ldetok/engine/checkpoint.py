@@ -3,6 +3,15 @@
 Files are written by the run folder's atomic writer (``ldetok.runs``: temp file, fsync, os.replace).
 Everything written here loads with `torch.load(weights_only=True)`: store plain dicts of tensors,
 numbers, strings and lists (config dataclasses as dicts), never pickled objects.
+
+Checkpoints are verified before they are trusted. After each checkpoint file, ``manifest.json`` (written
+atomically) records its sha256, its size and whether its weights were finite. Resuming takes the newest
+checkpoint that is listed, whose bytes match the digest, whose weights were finite and that loads; every
+other one is skipped with a warning naming it (garbage written into the middle of a file loads without
+complaint from ``torch.load``: only the digest sees it). A file missing from an existing manifest was
+written by a process killed before it recorded the file (or copied in) and is not trusted. A folder from
+before manifests has none: its checkpoints are loaded unverified, and say so. Keep-N pruning never deletes
+the newest listed checkpoint with finite weights, so a run whose newer checkpoints went bad keeps a way back.
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runs import CHECKPOINT_POINTER, atomic_save, atomic_write_text
+from ..runs import (CHECKPOINT_MANIFEST, CHECKPOINT_POINTER, atomic_save, atomic_save_digest, atomic_write_json,  # noqa: F401
+                    atomic_write_text, file_digest)
 
 __all__ = [
     "CheckpointError",
@@ -110,12 +120,14 @@ _CKPT_RE = re.compile(r"^ckpt_(\d{9,})\.pt$")
 
 
 class CheckpointManager:
-    """`ckpt_{step:09d}.pt` files in one folder: atomic saves, keep-N + milestone pruning, resume.
+    """`ckpt_{step:09d}.pt` files in one folder: atomic saves with a digest manifest, keep-N + milestone
+    pruning, verified resume.
 
     Only the writing rank should call `save`; `latest`/`auto_resume` are safe on every rank.
     """
 
     POINTER = CHECKPOINT_POINTER
+    MANIFEST = CHECKPOINT_MANIFEST
 
     def __init__(self, ckpt_dir: str | os.PathLike, keep: int = 2, milestone_every: int = 0):
         if keep < 1:
@@ -125,7 +137,9 @@ class CheckpointManager:
         self.dir = Path(ckpt_dir)
         self.keep = int(keep)
         self.milestone_every = int(milestone_every)
-        self.skipped: list[Path] = []  # unreadable files passed over by the last auto_resume
+        self.skipped: list[Path] = []  # files passed over by the last auto_resume
+        self.skip_reasons: dict[Path, str] = {}  # why each was passed over
+        self.notes: list[str] = []  # what else the last auto_resume has to say (unverified loads)
 
     def path_for(self, step: int) -> Path:
         return self.dir / f"ckpt_{int(step):09d}.pt"
@@ -149,18 +163,48 @@ class CheckpointManager:
         found = self._steps()
         return found[-1][1] if found else None
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    # ---- the manifest ---------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, dict] | None:
+        """{file name: {"step", "sha256", "bytes", "finite"}}, or None when there is no manifest (a folder
+        from before manifests) or it is damaged (a warning names it; its checkpoints are then unverified)."""
+        path = self.dir / self.MANIFEST
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+            files = data["files"]
+            if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+                raise ValueError("'files' is not a mapping of entries")
+            return files
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"{path} is damaged ({type(e).__name__}: {e}); the checkpoints are loaded unverified "
+                          "and the next checkpoint writes a new manifest", stacklevel=3)
+            return None
+
+    def _write_manifest(self, files: dict[str, dict]) -> None:
+        atomic_write_json({"files": dict(sorted(files.items()))}, self.dir / self.MANIFEST)
+
+    def save(self, step: int, state: dict[str, Any], finite: bool = True) -> Path:
+        """Write ``state`` as the step's checkpoint, then record its digest in the manifest, then the
+        ``latest.json`` pointer, then prune. ``finite``: whether its weights are finite (see ``_prune``)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}.")
         self._remove_stale_temps()
-        path = atomic_save(state, self.path_for(step))
+        files = self.read_manifest()
+        present = {p.name for p in self.list()}
+        if files is None:  # the first manifest of this folder: what is there already stays, unverified
+            files = {name: {"step": int(_CKPT_RE.match(name).group(1)), "sha256": None} for name in present}
+        files = {k: v for k, v in files.items() if k in present}
+        path, digest, size = atomic_save_digest(state, self.path_for(step))
+        files[path.name] = {"step": int(step), "sha256": digest, "bytes": size, "finite": bool(finite)}
+        self._write_manifest(files)
         # A small JSON pointer instead of the official latest.pth symlink: works on every filesystem
         # and survives copying the folder.
         atomic_write_text(json.dumps({"step": int(step), "file": path.name}) + "\n", self.dir / self.POINTER)
-        self._prune(step)
+        self._prune(step, files)
         return path
 
-    def _prune(self, current: int) -> None:
+    def _prune(self, current: int, files: dict[str, dict]) -> None:
         found = self._steps()
         # Files with a higher step than the one just written come from an abandoned future (a resume
         # from an older or corrupt-skipped checkpoint): leave them alone rather than let them push the
@@ -169,12 +213,20 @@ class CheckpointManager:
         keep = {s for s, _ in older[-self.keep :]}
         if self.milestone_every > 0:
             keep |= {s for s, _ in older if s > 0 and s % self.milestone_every == 0}
+        # never the newest checkpoint known good (digest recorded, finite weights): newer ones may be bad
+        good = [s for s, p in older if files.get(p.name, {}).get("sha256") and files[p.name].get("finite", True)]
+        if good:
+            keep.add(good[-1])
+        removed = False
         for s, p in older:
             if s not in keep:
                 try:
                     p.unlink()
                 except FileNotFoundError:
                     pass
+                removed |= files.pop(p.name, None) is not None
+        if removed:
+            self._write_manifest(files)
 
     def _remove_stale_temps(self) -> None:
         # Leftovers from a run killed mid-save (multi-GB each); only the writing rank calls this.
@@ -185,17 +237,46 @@ class CheckpointManager:
                 except OSError:
                     pass
 
-    def auto_resume(self, map_location: Any = "cpu") -> tuple[Any | None, Path | None]:
-        """Load the newest readable checkpoint: (state, path), or (None, None) if there is none.
+    def _distrust(self, path: Path, entry: dict | None, files: dict | None) -> str | None:
+        """Why ``path`` may not be used (None: it may), judged by its manifest entry."""
+        if files is None:
+            return None
+        if entry is None:
+            return (f"not listed in {self.MANIFEST} (written by a process killed before it recorded the file, "
+                    "or copied in): it cannot be verified")
+        if entry.get("finite") is False:
+            return "its weights were not finite when it was written"
+        want = entry.get("sha256")
+        if want:
+            size = path.stat().st_size
+            if entry.get("bytes") is not None and size != entry["bytes"]:
+                return f"{size} bytes where {entry['bytes']} were written (truncated or altered)"
+            if file_digest(path) != want:
+                return "its sha256 differs from the one recorded when it was written (the file was altered)"
+        return None
 
-        An unreadable file is skipped with a warning naming it (recorded in `self.skipped`) and the
-        next older one is tried.
+    def auto_resume(self, map_location: Any = "cpu") -> tuple[Any | None, Path | None]:
+        """Load the newest verified, readable checkpoint: (state, path), or (None, None) if there is none.
+
+        A file that fails (not in the manifest, digest or size mismatch, non-finite weights, unreadable) is
+        skipped with a warning naming it and why (recorded in ``skipped`` / ``skip_reasons``), and the next
+        older one is tried. Without a manifest (an older run folder) files load unverified (``notes``).
         """
-        self.skipped = []
+        self.skipped, self.skip_reasons, self.notes = [], {}, []
+        files = self.read_manifest()
         for _, path in reversed(self._steps()):
+            entry = None if files is None else files.get(path.name)
             try:
-                return load_checkpoint(path, map_location=map_location), path
-            except (CheckpointError, FileNotFoundError) as e:
-                self.skipped.append(path)
-                warnings.warn(f"Skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+                reason = self._distrust(path, entry, files)
+                if reason is None:
+                    state = load_checkpoint(path, map_location=map_location)
+                    if not (entry or {}).get("sha256"):
+                        self.notes.append(f"{path} was loaded unverified (no digest recorded: written before "
+                                          "checkpoint manifests)")
+                    return state, path
+            except (CheckpointError, OSError) as e:
+                reason = str(e)
+            self.skipped.append(path)
+            self.skip_reasons[path] = reason
+            warnings.warn(f"Skipping checkpoint {path}: {reason}", stacklevel=2)
         return None, None

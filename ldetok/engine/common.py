@@ -25,6 +25,7 @@ __all__ = ["autocast_ctx", "effective_precision", "configure_tf32", "compile_for
 # placement, sampling for logs).
 RESUME_FREE_KEYS = {"max_steps", "epochs", "log_every", "image_every", "sample_every", "ckpt_every", "keep_ckpts",
                     "milestone_every", "tensorboard", "wandb_project", "num_workers", "device", "dist_timeout_min",
+                    "max_nonfinite_steps",
                     "sample_guidance_scale", "sample_steps", "sample_temperature",
                     # execution strategies: a resumed run may switch them (compile changes rounding only)
                     "compile", "grad_checkpointing"}
@@ -177,7 +178,7 @@ def load_resume_state(ckpts, cfg, dist: DistInfo, gen: torch.Generator, log: Cal
     trained with the same config and restoring this rank's RNG streams; the caller loads its modules."""
     state, path = ckpts.auto_resume(map_location=device)
     for bad in ckpts.skipped:
-        log(f"skipped unreadable checkpoint {bad}")
+        log(f"skipped checkpoint {bad}: {ckpts.skip_reasons.get(bad, 'unreadable')}")
     if state is None:
         return None
     check_resume_config(state["config"], asdict(cfg), path, defaults=asdict(type(cfg)()))

@@ -17,6 +17,15 @@ Exact resume: a checkpoint holds the model, EMA, optimizer(s), extra modules, th
 (python, numpy, torch, CUDA, and the training generator); the data position follows from the step.
 Running again with a larger ``max_steps`` extends a finished run (the lr schedule is recomputed).
 
+Faults: the run folder is locked for the trainer's lifetime (``runs.RunFolderLock``, taken by rank 0; a
+second process on the folder is refused at once, naming the holder). Checkpoints are verified before they
+are trusted (``checkpoint.CheckpointManager``). A step whose loss or gradient norm is not finite is skipped
+(no optimizer or EMA update, no discriminator step; its batch and step number are used up, so the data
+stream and a resume stay aligned), counted and logged; no checkpoint is written while such a streak lasts,
+and ``run.max_nonfinite_steps`` consecutive ones stop the run with ``NonFiniteTrainingError``, saving
+nothing. Under DDP the decision is the same on every rank: the gradient norm is taken after DDP's
+all-reduce (the same on every rank), and the per-rank loss flags are summed across ranks before deciding.
+
 Throughput (``cfg.run``): TF32 on CUDA unless ``tf32=false``; AdamW's fused kernel when every parameter
 is on CUDA; ``grad_checkpointing`` recomputes transformer blocks in backward; ``compile`` compiles the
 forward of ``compile_targets()`` (a tokenizer's encoder and decoder, a generator's whole training forward)
@@ -37,18 +46,23 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..runs import RunLayout
+from ..runs import RunFolderBusy, RunFolderLock, RunLayout
 from ..tokenizers import Tokenizer
 from .checkpoint import CheckpointManager
 from .common import (autocast_ctx, compile_forward, compiled_frames, configure_tf32, eager_forward, ema_decay_at,
                      enable_grad_checkpointing, gather_rng_states, load_resume_state)
-from .distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed, unwrap_model
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed,
+                          is_distributed, unwrap_model)
 from .ema import EMA
 from .logging import Progress, RunLogger
 from .optim import build_adamw, lr_at, param_groups, scaled_lr, set_lr
 from .sampler import ResumableSampler
 
-__all__ = ["Trainer", "StepBatches", "run_trainer"]
+__all__ = ["Trainer", "StepBatches", "run_trainer", "NonFiniteTrainingError"]
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive training steps had a non-finite loss or gradient norm; the run stopped."""
 
 
 class StepBatches(Dataset):
@@ -80,7 +94,36 @@ class Trainer:
     def __init__(self, cfg, run_dir, dist: Optional[DistInfo] = None):
         self.cfg = cfg = cfg.validate()
         self.run_dir = Path(run_dir)
-        self.dist = d = dist or init_distributed(cfg.run.device, timeout_min=cfg.run.dist_timeout_min)
+        self.dist = dist or init_distributed(cfg.run.device, timeout_min=cfg.run.dist_timeout_min)
+        self.lock = self._lock_run_folder()
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock_run_folder(self) -> RunFolderLock:
+        """Rank 0 takes the folder's lock; every rank learns whether it did (and raises the same error)."""
+        lock, error = RunFolderLock(self.run_dir), None
+        if self.dist.is_main:
+            try:
+                lock.acquire()
+            except RunFolderBusy as e:
+                error = str(e)
+        error = broadcast_object(error)
+        if error is not None:
+            raise RunFolderBusy(error)
+        return lock
+
+    def close(self) -> None:
+        """Release the run folder (and the logger's files); idempotent. ``fit`` calls it when it ends."""
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.close()
+        self.lock.release()
+
+    def _setup(self) -> None:
+        cfg, d = self.cfg, self.dist
         self.device = d.device
         configure_tf32(self.device, cfg.run.tf32)
         torch.manual_seed(cfg.run.seed + d.rank)
@@ -101,6 +144,7 @@ class Trainer:
         # the training RNG: one stream per rank, saved in checkpoints
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.run.seed * 1000 + d.rank)
         self.step = 0
+        self.nonfinite_total, self.nonfinite_streak = 0, 0  # skipped steps: in all, and in a row now
         self.ckpts = CheckpointManager(RunLayout(self.run_dir).checkpoints, cfg.run.keep_ckpts, cfg.run.milestone_every)
 
     # ---- subclass hooks -----------------------------------------------------------------------
@@ -180,22 +224,43 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def resume(self) -> bool:
-        state = load_resume_state(self.ckpts, self.cfg, self.dist, self.rng, self.logger.log_line, self.device)
+        log = self.logger.log_line
+        if self.lock.took_over is not None:
+            log(f"took over the lock of {self.run_dir} from PID {self.lock.took_over[0]} "
+                f"(host {self.lock.took_over[1]}), which no longer runs")
+        state = load_resume_state(self.ckpts, self.cfg, self.dist, self.rng, log, self.device)
+        for note in self.ckpts.notes:
+            log(note)
         if state is None:
+            if self.ckpts.skipped:
+                log("no checkpoint could be used: the run starts again from step 0")
             return False
         unwrap_model(self.model).load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.load_extra_state(state)
         self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_steps", 0))
         return True
 
+    def _weights_finite(self) -> bool:
+        """Whether every floating-point weight of the model and its EMA is finite (one device sync)."""
+        tensors = [t for t in (*unwrap_model(self.model).state_dict().values(), *self.ema.state_dict().values())
+                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
     def save(self) -> None:
+        if self.nonfinite_streak:  # the same on every rank: no rank enters the collective below
+            self.logger.log_line(f"no checkpoint at step {self.step}: the last {self.nonfinite_streak} step(s) "
+                                 "were non-finite")
+            return
         rngs = gather_rng_states(self.rng)  # collective: every rank takes part
         if self.dist.is_main:
             self.ckpts.save(self.step, {"step": self.step, "model": unwrap_model(self.model).state_dict(),
                                         "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                                        **self.extra_state(), "config": asdict(self.cfg), "rngs": rngs})
+                                        **self.extra_state(), "config": asdict(self.cfg), "rngs": rngs,
+                                        "nonfinite_steps": self.nonfinite_total},
+                            finite=self._weights_finite())
         barrier()
 
     # ---- one optimizer step -------------------------------------------------------------------
@@ -206,28 +271,70 @@ class Trainer:
             set_lr(opt, lr)
         self.opt.zero_grad(set_to_none=True)
         logs: Dict[str, float] = {}
+        losses = []
         for micro in range(o.grad_accum):
             batch = next(data)
             sync = micro == o.grad_accum - 1 or not self.dist.distributed
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 loss, micro_logs = self.micro_step(batch)
                 (loss / o.grad_accum).backward()
+            losses.append(loss.detach())
             for k, v in micro_logs.items():
                 logs[k] = logs.get(k, 0.0) + v / o.grad_accum
         params = [p for p in self.model.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
-        self.opt.step()
-        self.ema.update(self.model, decay=ema_decay_at(self.step, o.ema_decay, o.ema_warmup))
-        self.after_step(logs)
+        finite = self._all_finite(losses, gnorm)
+        if finite:
+            self.opt.step()
+            self.ema.update(self.model, decay=ema_decay_at(self.step, o.ema_decay, o.ema_warmup))
+            self.after_step(logs)
         self.step += 1
         logs.update(lr=lr, grad_norm=float(gnorm))
+        if finite:
+            self.nonfinite_streak = 0
+        else:
+            self._skip_step(logs)
         return logs
+
+    def _all_finite(self, losses: List[torch.Tensor], gnorm: torch.Tensor) -> bool:
+        """Whether this step's losses (every micro-batch, every rank) and gradient norm are finite. The
+        norm is of the all-reduced gradients, the same on every rank; each rank's loss flag is summed across
+        ranks, so every rank takes the same decision."""
+        bad = (~torch.isfinite(torch.stack([x.float().reshape(()) for x in losses]))).any() | ~torch.isfinite(gnorm)
+        if self.dist.distributed:
+            bad = all_reduce_sum(bad.float()) > 0
+        return not bool(bad)
+
+    def _skip_step(self, logs: Dict[str, float]) -> None:
+        """Count and log the step just skipped; stop the run after too many in a row."""
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        limit = self.cfg.run.max_nonfinite_steps
+        logs["nonfinite_steps"] = self.nonfinite_total
+        self.logger.log_line(f"step {self.step}: non-finite loss or gradient norm (loss {logs.get('loss')}, grad norm "
+                             f"{logs['grad_norm']}): update skipped ({self.nonfinite_streak} in a row, "
+                             f"{self.nonfinite_total} in all; the run stops at {limit} in a row)")
+        if self.nonfinite_streak >= limit:
+            last = self.ckpts.latest()
+            msg = (f"{self.run_dir}: {self.nonfinite_streak} consecutive steps (up to step {self.step}) had a "
+                   f"non-finite loss or gradient norm; the run stopped without saving (last checkpoint: "
+                   f"{last if last is not None else 'none'}). Lower the learning rate, check the data, or "
+                   f"raise max_nonfinite_steps (now {limit})")
+            self.logger.log_line(msg)
+            raise NonFiniteTrainingError(msg)
 
     def autocast(self):
         return autocast_ctx(self.device, self.cfg.run.precision)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``max_steps`` and export (``finish``); the run folder is released however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if not self.resume() and self.dist.is_main:
             self.logger.save_config(cfg)
@@ -243,9 +350,10 @@ class Trainer:
             logs = self.train_step(data)
             if self.compiled and first_frames is None:
                 first_frames = compiled_frames()
-            smooth = logs["loss"] if smooth is None else 0.98 * smooth + 0.02 * logs["loss"]
+            if math.isfinite(logs["loss"]):  # a skipped step's loss would poison the average for good
+                smooth = logs["loss"] if smooth is None else 0.98 * smooth + 0.02 * logs["loss"]
             logs["loss_smooth"] = smooth
-            progress.update(1, cfg.optim.batch_size, loss=f"{smooth:.4f}")
+            progress.update(1, cfg.optim.batch_size, loss=f"{smooth:.4f}" if smooth is not None else "nan")
             if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
                 now = time.time()
                 logs.update(img_per_s=progress.images_per_sec,
@@ -275,9 +383,12 @@ def run_trainer(trainer_cls, cfg, run_dir) -> dict:
     """Train (or resume, or extend) a run in ``run_dir``; a caller's process group (e.g. ``reproduce``
     under torchrun) outlives the run, one made here is closed."""
     owns_group = not is_distributed()
-    trainer = trainer_cls(cfg, run_dir)
     try:
-        return trainer.fit()
+        trainer = trainer_cls(cfg, run_dir)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
     finally:
         if owns_group:
             cleanup()
