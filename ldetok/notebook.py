@@ -1,5 +1,10 @@
 """Small helpers the notebooks call, so that they hold no logic of their own.
 
+Live kernel or headless: ``interactive_default()`` says whether a notebook runs in a live front end
+(JupyterLab, Notebook, VS Code: widget panels are drawn) or headlessly (papermill, ``make notebooks``,
+``ldetok sweep``: panels skipped). ``figures_dir`` sends a live run's figures to its run folder; only a
+run given ``FIGURES_DIR`` (``make notebooks`` passes ``figures``) writes the repository's ``figures/``.
+
 Paths: a relative path given to these helpers is taken relative to the project root (the folder
 holding ``ldetok/``), so a notebook gives the same answer whether its kernel starts in ``notebooks/``
 (JupyterLab) or in the repository root (papermill, ``make notebooks``).
@@ -7,13 +12,15 @@ holding ``ldetok/``), so a notebook gives the same answer whether its kernel sta
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -26,13 +33,16 @@ from .engine.logging import read_metrics
 from .engine.stats import fetch_batch
 from .engine.tokenizer_trainer import train_tokenizer
 from .eval.recon import psnr, psnr_under_noise
-from .runs import RunKind, atomic_write_json, generator_meta, run_kind, tokenizer_meta
+from .main_job import LINKS as MAIN_JOB_LINKS
+from .runs import RunKind, RunLayout, atomic_write_json, describe, generator_meta, run_kind, tokenizer_meta
 from .runs import run_corruption  # noqa: F401  (re-exported for the notebooks)
 from .viz import corruption_sweeps
 
 __all__ = ["project_root", "resolve", "run_dir", "save_fig", "log_metrics", "train_in_process_or_torchrun",
            "ensure_tokenizer", "ensure_generator", "has_tokenizer", "images", "psnr_sweep", "latent_summary",
-           "loss_curves", "figure_path", "copy_figure", "preset_for", "tail_mean", "plot_sweep", "device", "corrupt_and_decode"]
+           "loss_curves", "figure_path", "copy_figure", "preset_for", "tail_mean", "device", "corrupt_and_decode",
+           "interactive_default", "figures_dir", "show_figure", "panel", "MAIN_DIR", "DEMO_DIR", "tokenizer_candidates",
+           "find_tokenizer", "tokenizer_run"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +104,132 @@ def log_metrics(values: Dict, run_dir) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# live kernel or headless; figures and widget panels
+# ---------------------------------------------------------------------------------------------
+def _parent_command(pid: str) -> str:
+    try:
+        return Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return ""
+
+
+def interactive_default() -> bool:
+    """Whether this kernel serves a live front end (widget panels are drawn) rather than a headless run.
+
+    ``LDETOK_INTERACTIVE=0/1`` decides when set. Otherwise headless when the kernel's parent process is
+    papermill (``JPY_PARENT_PID``, set by the kernel launcher), and live only when a front end said so:
+    a Jupyter server names the notebook in ``JPY_SESSION_NAME`` (JupyterLab, Notebook 7), VS Code
+    defines ``__vsc_ipynb_file__``. papermill, nbclient and nbconvert set neither: headless.
+    """
+    forced = os.environ.get("LDETOK_INTERACTIVE", "").strip().lower()
+    if forced:
+        return forced not in ("0", "false", "no", "off")
+    if "papermill" in _parent_command(os.environ.get("JPY_PARENT_PID", "")):
+        return False
+    if os.environ.get("JPY_SESSION_NAME"):
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "__vsc_ipynb_file__" in getattr(shell, "user_ns", {})
+
+
+def figures_dir(value, run) -> Path:
+    """Where a notebook writes its figures: ``value`` when given (``make notebooks`` passes ``figures``),
+    else ``run/figures``: running a notebook by hand never overwrites the committed figures."""
+    return resolve(value) if value is not None else Path(run) / "figures"
+
+
+def show_figure(fig, dpi: int = 100) -> None:
+    """Display a matplotlib figure as a PNG in the current output (a cell, or a widget's ``Output``) and
+    close it when pyplot holds it: works under any backend, and a redrawn panel leaks no figure."""
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    display(Image(data=buf.getvalue(), format="png"))
+    if fig.canvas.manager is not None:  # a pyplot figure (the object API's Figure has no manager)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def panel(draw: Callable, controls: Dict, columns: int = 3, hold: Optional[dict] = None):
+    """A widget panel: ``controls`` (name -> ipywidget) above an ``Output`` that shows ``draw(**values)``
+    (a matplotlib figure) again on every change of a control, replacing the previous image (an error
+    is shown in its place). While ``hold["on"]`` is true changes draw nothing (a caller refilling
+    several controls at once sets it, then calls ``box.redraw()``). Returns the box."""
+    import ipywidgets as W
+
+    out = W.Output()
+    hold = hold if hold is not None else {}
+
+    def redraw(_=None):
+        if hold.get("on"):
+            return
+        with out:  # an exception here is displayed in the output, not raised into the widget's callback
+            out.clear_output(wait=True)
+            show_figure(draw(**{k: c.value for k, c in controls.items()}))
+
+    for c in controls.values():
+        c.observe(redraw, names="value")
+    items = list(controls.values())
+    box = W.VBox([W.HBox(items[i:i + columns]) for i in range(0, len(items), columns)] + [out])
+    box.redraw = redraw
+    redraw()
+    return box
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer runs that the project's commands write
+# ---------------------------------------------------------------------------------------------
+MAIN_DIR = "runs/main"  # `make run` = `ldetok main --out runs/main`
+DEMO_DIR = "runs/demo"  # `ldetok demo --prepare`
+MAKERS = {MAIN_DIR: "make run", DEMO_DIR: "ldetok demo --prepare"}
+
+
+def _steps_of(path: Path) -> int:
+    tail = path.name.rsplit("_t", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def tokenizer_candidates(preset: str) -> List[Path]:
+    """Where the run of ``preset`` is looked for, in order: ``runs/main/<preset>`` (the main job links its
+    tokenizers there), ``runs/demo/<preset>`` (the demo's photo runs), then the main job's own
+    ``runs/main/tokenizers/<variant>_s<seed>_t<steps>`` folders, most steps first."""
+    out = [resolve(MAIN_DIR) / preset, resolve(DEMO_DIR) / preset]
+    variant = {link: v for v, link in MAIN_JOB_LINKS.items()}.get(preset)
+    tokenizers = RunLayout(resolve(MAIN_DIR)).root / "tokenizers"
+    if variant is not None and tokenizers.is_dir():
+        out += sorted(tokenizers.glob(f"{variant}_s*_t*"), key=lambda p: (-_steps_of(p), p.name))
+    return out
+
+
+def find_tokenizer(preset: str, verbose: bool = True) -> Optional[Path]:
+    """The first finished tokenizer run of ``tokenizer_candidates(preset)``; None (and, with ``verbose``,
+    what each place holds and which command writes it) when there is none."""
+    cands = tokenizer_candidates(preset)
+    for p in cands:
+        if run_kind(p) == RunKind.TOKENIZER_RUN:
+            return p
+    if verbose:
+        for p in cands[:2]:
+            maker = next(cmd for d, cmd in MAKERS.items() if p.parent == resolve(d))
+            print(f"{preset}: {p.relative_to(project_root()) if p.is_relative_to(project_root()) else p} is "
+                  f"{describe(p)} (written by `{maker}`)")
+    return None
+
+
+def tokenizer_run(spec, preset: str) -> Optional[Path]:
+    """What a notebook's tokenizer parameter names: ``"auto"``: the run of ``preset`` that ``make run`` or
+    ``ldetok demo --prepare`` wrote (``find_tokenizer``); None: none (a quick one is trained); else a path."""
+    if spec is None:
+        return None
+    if str(spec) == "auto":
+        return find_tokenizer(preset)
+    return resolve(spec)
+
+
+# ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
 def has_tokenizer(path) -> bool:
@@ -147,7 +283,8 @@ def ensure_tokenizer(path, preset: str, steps: int, fallback, nproc: int = 1, **
         return resolve(path)
     out = resolve(fallback)
     if not has_tokenizer(out):
-        print(f"{path}: no finished tokenizer run there; training {preset} for {steps} steps into {out}")
+        why = "no tokenizer run given" if path is None else f"{path} is {describe(resolve(path))}"
+        print(f"{why}: training {preset} for {steps} steps into {out}")
         ov = dict(max_steps=int(steps), tensorboard=False, image_every=0)
         ov.update(overrides)
         train_in_process_or_torchrun("tokenizer", preset, ov, out, nproc)
@@ -249,28 +386,6 @@ def tail_mean(run, key: str = "loss", frac: float = 0.2) -> float:
     vals = curves[key][1]
     k = max(1, int(round(len(vals) * frac)))
     return float(sum(vals[-k:]) / k)
-
-
-def plot_sweep(rows: Sequence[dict], x: str, ys: Sequence[str], group_by: Sequence[str] = ()):
-    """One panel per metric in ``ys`` against ``x``; one line per combination of ``group_by`` values."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.2), squeeze=False)
-    groups: Dict[tuple, list] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(g) for g in group_by), []).append(r)
-    for ax, y in zip(axes[0], ys):
-        for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            rs = sorted((r for r in rs if r.get(x) is not None and r.get(y) is not None), key=lambda r: r[x])
-            label = ", ".join(f"{g}={v}" for g, v in zip(group_by, key)) or None
-            ax.plot([r[x] for r in rs], [r[y] for r in rs], "o-", label=label)
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.grid(alpha=0.3)
-    if group_by:
-        axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3 (ipykernel)
+#     display_name: Python (ldetok)
 #     language: python
-#     name: python3
+#     name: ldetok
 # ---
 
 # %% [markdown]
@@ -23,8 +23,14 @@
 # additive noise `z + t·γ·ε` is shown for comparison.
 #
 # Tokenizers: the released `detok_BB` / `vitok-BB` weights when `DETOK_PATH` / `VITOK_PATH` are given
-# (256 px), else the runs `make run` trains (`runs/main/cpu-fmnist{,-ae}`, `runs/demo/cpu-photos{,-ae}`),
-# else quick ones trained here for `STEPS` steps.
+# (256 px); else, with the run parameters left at `"auto"`, the Fashion-MNIST pair that `make run` trains
+# (`runs/main/cpu-fmnist{,-ae}`, links to its `runs/main/tokenizers/…` runs) and the photo pair that
+# `ldetok demo --prepare` trains (`runs/demo/cpu-photos{,-ae}`); a missing one is trained here for `STEPS`
+# steps (into the run folder).
+#
+# In a live kernel (`make lab`) the last section is a slider panel: noise level, mask ratio, noise type
+# and image, redrawn on every move. Figures go to the run folder (`RUN_DIR/figures`); only
+# `make notebooks` writes the repository's `figures/`.
 
 # %% tags=["parameters"]
 PRESET = "cpu-fmnist"  # the preset of quick tokenizers trained when a run is missing (photos use cpu-photos)
@@ -34,20 +40,21 @@ SEED = 0
 STEPS = 300  # steps of a quick tokenizer, only when a run below is missing
 DETOK_PATH = None  # released detok-BB-gamm3.0-m0.7.pth (optional)
 VITOK_PATH = None  # released vitok-BB.pth (optional)
-FMNIST_DETOK_RUN = "runs/main/cpu-fmnist"
-FMNIST_AE_RUN = "runs/main/cpu-fmnist-ae"
-PHOTOS_DETOK_RUN = "runs/demo/cpu-photos"
-PHOTOS_AE_RUN = "runs/demo/cpu-photos-ae"
+FMNIST_DETOK_RUN = "auto"  # "auto": the run `make run` wrote (runs/main); a path; None: train a quick one
+FMNIST_AE_RUN = "auto"
+PHOTOS_DETOK_RUN = "auto"  # "auto": the run `ldetok demo --prepare` wrote (runs/demo)
+PHOTOS_AE_RUN = "auto"
 STATS_IMAGES = 2000  # latent-statistics images of a quick tokenizer
 N_IMAGES = 2  # images per sweep figure
 N_PSNR = 64  # images for the PSNR curves
 N_TAU = 20000  # samples for the tau histograms
 GAMMA = None  # noise scale of the corruption shown; None: the l-DeTok run's own (3 for the released detok_BB)
-INTERACTIVE = False  # True: ipywidgets sliders (papermill leaves it False)
+INTERACTIVE = None  # slider panel; None: on in a live kernel, off under papermill
 RUN_DIR = None  # default runs/notebooks/01_latent_corruption
-FIGURES_DIR = "figures"
+FIGURES_DIR = None  # None: RUN_DIR/figures; `make notebooks` passes figures
 
 # %%
+# %matplotlib inline
 import matplotlib.pyplot as plt
 import torch
 
@@ -61,7 +68,9 @@ torch.manual_seed(SEED)
 run = nb.run_dir(RUN_DIR, "01_latent_corruption")
 dev = nb.device(DEVICE)
 levels = [round(0.1 * i, 1) for i in range(10)]
-print("run folder:", run, "| device:", dev)
+INTERACTIVE = nb.interactive_default() if INTERACTIVE is None else INTERACTIVE
+figures = nb.figures_dir(FIGURES_DIR, run)
+print("run folder:", run, "| figures:", figures, "| device:", dev, "| sliders:", INTERACTIVE)
 
 # %% [markdown]
 # ## The noise-level (τ) distributions
@@ -80,7 +89,7 @@ axes[0].set(xlabel="t", ylabel="density", title="noise level t")
 axes[0].legend()
 axes[1].hist(ratios_drawn.numpy(), bins=50, range=(0, 1), density=True, color="tab:green")
 axes[1].set(xlabel="mask ratio", title="mask ratio max(0, U(-0.1, 0.7))")
-nb.save_fig(fig, "nb01_tau_distributions", FIGURES_DIR)
+nb.save_fig(fig, "nb01_tau_distributions", figures)
 plt.show()
 
 # %% [markdown]
@@ -97,20 +106,13 @@ if DETOK_PATH is not None:
     trained_with = C.CorruptionConfig()  # the released detok-BB-gamm3.0-m0.7 recipe
 else:
     image_size = 32
-    pairs = {
-        "fashion_mnist": {
-            "l-DeTok": nb.ensure_tokenizer(FMNIST_DETOK_RUN, PRESET, STEPS, run / "quick" / "fmnist", NPROC, seed=SEED,
-                                          stats_images=STATS_IMAGES),
-            "AE": nb.ensure_tokenizer(FMNIST_AE_RUN, PRESET + "-ae", STEPS, run / "quick" / "fmnist-ae", NPROC, seed=SEED,
-                                          stats_images=STATS_IMAGES),
-        },
-        "photos": {
-            "l-DeTok": nb.ensure_tokenizer(PHOTOS_DETOK_RUN, "cpu-photos", STEPS, run / "quick" / "photos", NPROC, seed=SEED,
-                                          stats_images=STATS_IMAGES),
-            "AE": nb.ensure_tokenizer(PHOTOS_AE_RUN, "cpu-photos-ae", STEPS, run / "quick" / "photos-ae", NPROC, seed=SEED,
-                                          stats_images=STATS_IMAGES),
-        },
-    }
+    wanted = {"fashion_mnist": {"l-DeTok": (FMNIST_DETOK_RUN, PRESET), "AE": (FMNIST_AE_RUN, PRESET + "-ae")},
+              "photos": {"l-DeTok": (PHOTOS_DETOK_RUN, "cpu-photos"), "AE": (PHOTOS_AE_RUN, "cpu-photos-ae")}}
+    pairs = {ds: {name: nb.ensure_tokenizer(nb.tokenizer_run(spec, preset), preset, STEPS, run / "quick" / preset, NPROC,
+                                            seed=SEED, stats_images=STATS_IMAGES)
+                  for name, (spec, preset) in toks.items()}
+             for ds, toks in wanted.items()}
+    print({ds: {name: str(p) for name, p in toks.items()} for ds, toks in pairs.items()})
     trained_with = nb.run_corruption(pairs["fashion_mnist"]["l-DeTok"])
     pairs = {ds: {name: load_tokenizer(p) for name, p in toks.items()} for ds, toks in pairs.items()}
 GAMMA = trained_with.gamma if GAMMA is None else GAMMA
@@ -130,7 +132,7 @@ from IPython.display import Image, display  # noqa: E402
 for ds, toks in pairs.items():
     for kind in C.NOISE:
         path = plot_corruption_sweeps(toks, data[ds][:N_IMAGES],
-                                      nb.figure_path(f"nb01_{ds}_{kind}_sweep", FIGURES_DIR), levels=levels,
+                                      nb.figure_path(f"nb01_{ds}_{kind}_sweep", figures), levels=levels,
                                       ratios=levels, gamma=GAMMA, noise_type=kind, seed=SEED + 18,
                                       title=f"{ds}: {kind} noise (gamma={GAMMA:g}) and masking, decoded")
         print(path)
@@ -156,37 +158,51 @@ for ax, title, xl in zip(axes, ("interpolative noise", "additive noise", "maskin
     ax.grid(alpha=0.3)
 axes[0].legend(fontsize=7)
 fig.tight_layout()
-nb.save_fig(fig, "nb01_psnr_vs_corruption", FIGURES_DIR)
+nb.save_fig(fig, "nb01_psnr_vs_corruption", figures)
 plt.show()
 
 # %% [markdown]
-# ## Interactive (only with `INTERACTIVE = True` in a live kernel)
+# ## Interactive: the corruption under sliders
+# In a live kernel: choose the dataset, the noise level t, the mask ratio, the noise type and the image;
+# each move decodes the corrupted latents of every tokenizer again (1–2 s on a CPU). A headless run
+# (papermill) skips the panel.
 
 # %%
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def corruption_panel(dataset, t, mask_ratio, noise_type, index):
+    """The input, then each tokenizer's decode of its noised and of its masked latents."""
+    x = data[dataset][index:index + 1]
+    n = 1 + 2 * len(pairs[dataset])
+    fig = Figure(figsize=(2.2 * n, 2.5))
+    axes = fig.subplots(1, n)
+    axes[0].imshow(to_numpy_image(x[0]))
+    axes[0].set_title("input", fontsize=8)
+    i = 1
+    for name, tok in pairs[dataset].items():
+        sw = nb.corrupt_and_decode(tok, x, t, mask_ratio, GAMMA, noise_type, SEED)
+        for key, what in (("noise", f"{noise_type} t={t:.2f}"), ("mask", f"mask {mask_ratio:.0%}")):
+            axes[i].imshow(to_numpy_image(sw[key][0]))
+            axes[i].set_title(f"{name}\n{what}", fontsize=8)
+            i += 1
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
 if INTERACTIVE:
     import ipywidgets as W
 
-    def show(dataset, t, mask_ratio, noise_type, index):
-        x = data[dataset][index:index + 1]
-        fig, axes = plt.subplots(1, 1 + 2 * len(pairs[dataset]), figsize=(2.2 * (1 + 2 * len(pairs[dataset])), 2.4))
-        axes[0].imshow(to_numpy_image(x[0]))
-        axes[0].set_title("input", fontsize=8)
-        i = 1
-        for name, tok in pairs[dataset].items():
-            sw = nb.corrupt_and_decode(tok, x, t, mask_ratio, GAMMA, noise_type, SEED)
-            for key in ("noise", "mask"):
-                axes[i].imshow(to_numpy_image(sw[key][0]))
-                axes[i].set_title(f"{name}\n{key}", fontsize=8)
-                i += 1
-        for ax in axes:
-            ax.axis("off")
-        plt.show()
-
-    W.interact(show, dataset=list(pairs), t=W.FloatSlider(0.5, min=0, max=1, step=0.05),
-               mask_ratio=W.FloatSlider(0.5, min=0, max=0.95, step=0.05), noise_type=list(C.NOISE),
-               index=W.IntSlider(0, min=0, max=max(0, N_IMAGES - 1)))
+    display(nb.panel(corruption_panel, dict(
+        dataset=W.Dropdown(options=list(pairs), description="dataset"),
+        t=W.FloatSlider(0.5, min=0, max=1, step=0.05, description="noise t"),
+        mask_ratio=W.FloatSlider(0.5, min=0, max=0.95, step=0.05, description="mask ratio"),
+        noise_type=W.Dropdown(options=list(C.NOISE), description="noise type"),
+        index=W.IntSlider(0, min=0, max=max(0, N_IMAGES - 1), description="image"))))
 else:
-    print("headless run: sliders skipped (set INTERACTIVE = True in a live kernel)")
+    print("headless run: the slider panel is drawn only in a live kernel (INTERACTIVE = True forces it)")
 
 # %%
 summary = {f"psnr_{ds}_{name.split(' ')[0]}_{kind}_t{t:g}": c["psnr_noise"][c["levels"].index(t)]

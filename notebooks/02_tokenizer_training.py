@@ -8,9 +8,9 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3 (ipykernel)
+#     display_name: Python (ldetok)
 #     language: python
-#     name: python3
+#     name: ldetok
 # ---
 
 # %% [markdown]
@@ -35,9 +35,10 @@ NOISE_LEVELS = [0.3, 0.5, 0.7]  # interpolative noise levels of the corrupted-la
 RFID = True  # rFID needs the (offline) Inception network: slow on a CPU
 N_SHOW = 8
 RUN_DIR = None  # default runs/notebooks/02_tokenizer_training
-FIGURES_DIR = "figures"
+FIGURES_DIR = None  # None: RUN_DIR/figures; `make notebooks` passes figures
 
 # %%
+# %matplotlib inline
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
@@ -49,6 +50,7 @@ from ldetok.runs import load_tokenizer, run_train_config
 from ldetok.viz import save_grid
 
 run = nb.run_dir(RUN_DIR, "02_tokenizer_training")
+figures = nb.figures_dir(FIGURES_DIR, run)
 tok_run = run / "tokenizer_run"
 print("run folder:", run)
 
@@ -78,7 +80,7 @@ for ax, k in zip(axes[1:], ("kl", "lr")):
         ax.plot(*curves[k])
     ax.set(xlabel="step", title=k)
 fig.tight_layout()
-nb.save_fig(fig, "nb02_loss_curves", FIGURES_DIR)
+nb.save_fig(fig, "nb02_loss_curves", figures)
 plt.show()
 
 # %% [markdown]
@@ -89,7 +91,7 @@ tok = load_tokenizer(tok_run).eval()
 x, _ = nb.images(cfg.data.dataset, N_SHOW, cfg.data.eval_split, cfg.model.image_size, cfg.model.in_channels)
 with torch.no_grad():
     rec = tok.decode(tok.encode(x)).clamp(-1, 1)
-path = save_grid(torch.cat([x, rec]), nb.figure_path("nb02_reconstructions", FIGURES_DIR), nrow=N_SHOW)
+path = save_grid(torch.cat([x, rec]), nb.figure_path("nb02_reconstructions", figures), nrow=N_SHOW)
 display(Image(filename=str(path)))
 
 # %% [markdown]

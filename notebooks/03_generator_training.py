@@ -8,15 +8,16 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3 (ipykernel)
+#     display_name: Python (ldetok)
 #     language: python
-#     name: python3
+#     name: ldetok
 # ---
 
 # %% [markdown]
 # # 03 · Training a generator on a tokenizer's latents
 #
-# Pick a tokenizer run (`TOKENIZER_RUN`; trained quickly here when missing) and one of the six generator
+# Pick a tokenizer run (`TOKENIZER_RUN`: by default the l-DeTok run `make run` trains; a quick one is
+# trained here when missing) and one of the six generator
 # families (`MODEL`: `mar`, `randomar`, `rasterar`, `dit`, `sit`, `lightningdit`, or any registry size),
 # train it on the tokenizer's normalised latents, look at its samples, then measure gFID / KID against the
 # training images, after choosing the classifier-free guidance scale with a small cfg sweep.
@@ -24,7 +25,7 @@
 # %% tags=["parameters"]
 PRESET = "cpu-fmnist"  # generator preset
 TOKENIZER_PRESET = "cpu-fmnist"  # used only when TOKENIZER_RUN is missing
-TOKENIZER_RUN = "runs/main/cpu-fmnist"
+TOKENIZER_RUN = "auto"  # "auto": the run `make run` wrote (runs/main/cpu-fmnist); a path; None: train one
 TOKENIZER_STEPS = 300
 MODEL = "sit"
 STATS_IMAGES = 2000  # latent-statistics images of a quick tokenizer
@@ -41,9 +42,10 @@ CFGS = [1.0, 1.5, 2.0, 3.0]
 FEATURES = ["inception", "classifier"]  # feature spaces of the final evaluation ("classifier" trains a small CNN once)
 SWEEP_FEATURES = "inception"
 RUN_DIR = None  # default runs/notebooks/03_generator_training
-FIGURES_DIR = "figures"
+FIGURES_DIR = None  # None: RUN_DIR/figures; `make notebooks` passes figures
 
 # %%
+# %matplotlib inline
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Image, display
@@ -52,8 +54,10 @@ from ldetok import notebook as nb
 from ldetok.eval.generation import evaluate_generator_run
 
 run = nb.run_dir(RUN_DIR, "03_generator_training")
-tok_run = nb.ensure_tokenizer(TOKENIZER_RUN, nb.preset_for(TOKENIZER_RUN, TOKENIZER_PRESET), TOKENIZER_STEPS,
-                              run / "tokenizer_run", NPROC, seed=SEED, stats_images=STATS_IMAGES)
+figures = nb.figures_dir(FIGURES_DIR, run)
+tok_run = nb.ensure_tokenizer(nb.tokenizer_run(TOKENIZER_RUN, TOKENIZER_PRESET),
+                              nb.preset_for(TOKENIZER_RUN, TOKENIZER_PRESET), TOKENIZER_STEPS, run / "tokenizer_run", NPROC,
+                              seed=SEED, stats_images=STATS_IMAGES)
 gen_run = run / f"generator_{MODEL}"
 print("tokenizer:", tok_run, "| generator run:", gen_run)
 
@@ -71,14 +75,14 @@ for k, (s, v) in curves.items():
     ax.plot(s, v, label=k)
 ax.set(xlabel="step", ylabel="loss", title=f"{MODEL} on {tok_run.name} latents")
 ax.legend()
-nb.save_fig(fig, f"nb03_{MODEL}_loss", FIGURES_DIR)
+nb.save_fig(fig, f"nb03_{MODEL}_loss", figures)
 plt.show()
 
 # %% [markdown]
 # ## Samples (EMA generator, one row per class)
 
 # %%
-grid = nb.copy_figure(gen_run / "images" / "samples_final.png", f"nb03_{MODEL}_samples", FIGURES_DIR)
+grid = nb.copy_figure(gen_run / "images" / "samples_final.png", f"nb03_{MODEL}_samples", figures)
 display(Image(filename=str(grid)))
 
 # %% [markdown]
@@ -93,7 +97,7 @@ ax.plot(sweep["cfgs"], [sweep["table"][f"{c:g}"]["value"] for c in sweep["cfgs"]
 ax.axvline(sweep["best_cfg"], ls=":", c="gray")
 ax.set(xlabel="cfg", ylabel=f"{sweep['metric'].upper()} ({SWEEP_FEATURES}, n={sweep['n_search']})",
        title=f"{MODEL}: guidance sweep")
-nb.save_fig(fig, f"nb03_{MODEL}_cfg_sweep", FIGURES_DIR)
+nb.save_fig(fig, f"nb03_{MODEL}_cfg_sweep", figures)
 plt.show()
 pd.DataFrame({k: {"value": r["value"], "n": r["protocol"].get("n"), "features": r["protocol"].get("features")}
               for k, r in ev["metrics"].items()}).T

@@ -8,9 +8,9 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3 (ipykernel)
+#     display_name: Python (ldetok)
 #     language: python
-#     name: python3
+#     name: ldetok
 # ---
 
 # %% [markdown]
@@ -21,6 +21,9 @@
 # the training loss a small fixed denoiser (a tiny flow model from `ldetok.generators`, the same seed,
 # steps and batches for every tokenizer) reaches on each tokenizer's normalised latents: the paper's
 # claim is that l-DeTok latents are easier for a generator to model.
+#
+# `TOKENIZER_RUNS` maps presets to runs; `"auto"` takes the run `make run` wrote (`runs/main`), and a
+# missing one is trained here for `STEPS` steps.
 
 # %% tags=["parameters"]
 PRESET = "cpu-fmnist"  # preset of quick tokenizers trained for missing runs ("-ae" runs use PRESET-ae)
@@ -29,28 +32,29 @@ DEVICE = "auto"
 NPROC = 1
 SEED = 0
 STEPS = 300  # steps of a quick tokenizer, only when a run is missing
-TOKENIZER_RUNS = ["runs/main/cpu-fmnist", "runs/main/cpu-fmnist-ae"]
+TOKENIZER_RUNS = {"cpu-fmnist": "auto", "cpu-fmnist-ae": "auto"}  # preset -> run; "auto": the one `make run` wrote
 N_EVAL = 256
 EVAL_GAMMA = 3.0  # the noise scale every tokenizer is measured under (shared, so the curves compare)
 DENOISER = "sit"  # a generator family or registry name
 DENOISER_STEPS = 300
 DENOISER_BATCH = 128
 RUN_DIR = None  # default runs/notebooks/05_latent_robustness
-FIGURES_DIR = "figures"
+FIGURES_DIR = None  # None: RUN_DIR/figures; `make notebooks` passes figures
 
 # %%
+# %matplotlib inline
 import matplotlib.pyplot as plt
 import pandas as pd
-from pathlib import Path
 
 from ldetok import notebook as nb
 from ldetok.runs import load_tokenizer, run_train_config
 
 run = nb.run_dir(RUN_DIR, "05_latent_robustness")
+figures = nb.figures_dir(FIGURES_DIR, run)
 levels = [round(0.1 * i, 1) for i in range(10)]
-runs = {Path(p).name: nb.ensure_tokenizer(p, nb.preset_for(p, PRESET), STEPS, run / "quick" / Path(p).name, NPROC,
-                                          seed=SEED, stats_images=STATS_IMAGES)
-        for p in TOKENIZER_RUNS}
+runs = {name: nb.ensure_tokenizer(nb.tokenizer_run(p, name), nb.preset_for(name, PRESET), STEPS, run / "quick" / name,
+                                  NPROC, seed=SEED, stats_images=STATS_IMAGES)
+        for name, p in TOKENIZER_RUNS.items()}
 toks = {name: load_tokenizer(p).eval() for name, p in runs.items()}
 cfgs = {name: run_train_config(p) for name, p in runs.items()}
 print({name: (c.data.dataset, c.corruption.describe()) for name, c in cfgs.items()})
@@ -75,7 +79,7 @@ for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 fig.tight_layout()
-nb.save_fig(fig, "nb05_robustness_curves", FIGURES_DIR)
+nb.save_fig(fig, "nb05_robustness_curves", figures)
 plt.show()
 
 # %% [markdown]
@@ -90,7 +94,7 @@ axes[0].set(xlabel="channel", title="per-channel mean")
 axes[1].set(xlabel="channel", title="per-channel std")
 axes[0].legend(fontsize=7)
 fig.tight_layout()
-nb.save_fig(fig, "nb05_latent_stats", FIGURES_DIR)
+nb.save_fig(fig, "nb05_latent_stats", figures)
 plt.show()
 pd.DataFrame({name: {k: v for k, v in s.items() if not isinstance(v, list)} for name, s in stats.items()}).T
 
@@ -113,7 +117,7 @@ for name, d in denoise.items():
     ax.plot(*d["curve"], label=f"{name}: {d['final']:.3f}")
 ax.set(xlabel="step", ylabel="denoising loss", title=f"{DENOISER} on normalised latents")
 ax.legend(fontsize=7)
-nb.save_fig(fig, "nb05_denoiser_loss", FIGURES_DIR)
+nb.save_fig(fig, "nb05_denoiser_loss", figures)
 plt.show()
 
 # %%

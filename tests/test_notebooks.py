@@ -91,6 +91,86 @@ def test_notebook_helpers(tmp_path):
         nb.train_in_process_or_torchrun("tokenizer", "cpu-fmnist", {"bogus_key": 1}, tmp_path, 2)
 
 
+def test_interactive_default_live_kernel_or_headless(monkeypatch):
+    from ldetok import notebook as nb
+
+    for var in ("LDETOK_INTERACTIVE", "JPY_SESSION_NAME", "JPY_PARENT_PID"):
+        monkeypatch.delenv(var, raising=False)
+    assert nb.interactive_default() is False  # no front end named itself (papermill, nbclient, a script)
+    monkeypatch.setenv("JPY_SESSION_NAME", "/some/notebooks/01_latent_corruption.ipynb")  # a Jupyter server's kernel
+    assert nb.interactive_default() is True
+    monkeypatch.setenv("JPY_PARENT_PID", str(os.getpid()))  # launched by papermill: headless whatever else is set
+    monkeypatch.setattr(nb, "_parent_command", lambda pid: "python -m papermill in.ipynb out.ipynb")
+    assert nb.interactive_default() is False
+    monkeypatch.setenv("LDETOK_INTERACTIVE", "1")
+    assert nb.interactive_default() is True
+    assert nb.figures_dir(None, Path("/r")) == Path("/r/figures") and nb.figures_dir("figures", "/r") == ROOT / "figures"
+
+
+def test_find_tokenizer_where_make_run_and_demo_prepare_write(tmp_path, monkeypatch, tok_run):
+    import shutil
+
+    from ldetok import notebook as nb
+
+    main, demo = tmp_path / "main", tmp_path / "demo"
+    monkeypatch.setattr(nb, "MAIN_DIR", str(main))
+    monkeypatch.setattr(nb, "DEMO_DIR", str(demo))
+    monkeypatch.setattr(nb, "MAKERS", {str(main): "make run", str(demo): "ldetok demo --prepare"})
+    assert nb.find_tokenizer("cpu-fmnist") is None and nb.tokenizer_run("auto", "cpu-fmnist") is None
+    # the main job's own folders (most steps first), before it links them
+    for steps in (250, 1000):
+        shutil.copytree(tok_run, main / "tokenizers" / f"detok_s0_t{steps}")
+    assert nb.find_tokenizer("cpu-fmnist") == main / "tokenizers" / "detok_s0_t1000"
+    assert nb.find_tokenizer("cpu-fmnist-ae") is None  # another variant's folder is not taken
+    (main / "cpu-fmnist").symlink_to(main / "tokenizers" / "detok_s0_t250")  # its link wins
+    assert nb.tokenizer_run("auto", "cpu-fmnist") == main / "cpu-fmnist"
+    shutil.copytree(tok_run, demo / "cpu-photos")
+    assert nb.find_tokenizer("cpu-photos") == demo / "cpu-photos"
+    assert nb.tokenizer_run(None, "cpu-photos") is None and nb.tokenizer_run(str(tmp_path), "x") == tmp_path
+
+
+def test_explore_reads_the_committed_csvs_and_aggregates_over_seeds(tmp_path):
+    import csv
+
+    from ldetok import explore as E
+
+    sources = E.default_sources(ROOT)
+    assert sources and all(p.suffix == ".csv" for p in sources.values())
+    for name, path in sources.items():
+        rows = E.load_results(path)
+        assert "variant" in E.parameters(rows) and "psnr" in E.metrics(rows) and "n" not in E.metrics(rows)
+        views = E.default_views(rows)
+        assert views and all(m in E.metrics(rows) for m, _, _ in views)
+        assert len(E.views_figure(rows, views).axes) >= len(views)
+    # mean and spread over seeds, checked against the CSV by hand
+    rows = [dict(variant=v, seed=float(s), gamma=g, psnr=p) for v, s, g, p in
+            [("ae", 0, 0.0, 20.0), ("ae", 1, 0.0, 22.0), ("detok", 0, 3.0, 18.0), ("detok", 1, 3.0, 19.0),
+             ("detok", 0, 1.0, 17.0)]]
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    back = E.load_results(tmp_path)  # a reproduce folder: its results.csv
+    assert back == rows
+    agg = E.aggregate(back, "psnr", "gamma", "variant")
+    assert agg["ae"] == [{"x": 0.0, "mean": 21.0, "std": 1.0, "n": 2}]
+    assert [p["x"] for p in agg["detok"]] == [1.0, 3.0] and agg["detok"][1]["mean"] == 18.5
+    assert E.aggregate(back, "psnr", "gamma", "variant")["detok"][0]["n"] == 1
+    assert E.better("psnr_t0.5") == "higher" and E.better("fd_gen_real[inception]") == "lower"
+    assert E.better("latent_std") is None
+    assert "higher is better" in E.metric_label("psnr_t0.5") and "t=0.5" in E.metric_label("psnr_t0.5")
+    assert "lower is better" in E.metric_label("fd_gen_recon[inception]")
+    fig = E.view(back, "psnr", "gamma", "variant", where=("variant", "detok"))
+    ax = fig.axes[0]
+    assert "higher is better" in ax.get_title() and ax.get_xlabel().startswith("γ")
+    assert ("variant", "ae") in [o for _, o in E.filter_options(back)]
+    with pytest.raises(ValueError, match="not a column"):
+        E.view(back, "no_such_metric", "gamma")
+    with pytest.raises(FileNotFoundError):
+        E.load_results(tmp_path / "missing")
+
+
 # ---------------------------------------------------------------------------------------------
 # smoke runs (slow)
 # ---------------------------------------------------------------------------------------------
@@ -106,11 +186,20 @@ def kernel_env():
 
 
 def _execute(name, params, out_dir: Path) -> Path:
+    """Run the notebook headlessly (kernel ``python3``: this Python's, whatever kernels are registered) and
+    check that every cell that shows a figure (``plt.show()``, ``nb.show_figure``) has a PNG output."""
+    import nbformat
     import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(NB_DIR / f"{name}.ipynb"), str(out_dir / "executed.ipynb"), parameters=params,
-                        cwd=str(ROOT), progress_bar=False)
+                        cwd=str(ROOT), progress_bar=False, kernel_name="python3")
+    executed = nbformat.read(out_dir / "executed.ipynb", as_version=4)
+    shows = [c for c in executed.cells if c.cell_type == "code" and ("plt.show()" in c.source or "show_figure(" in c.source)]
+    assert shows or name == "04_ablations", f"{name}: no plotting cell found"
+    for c in shows:
+        pngs = [o for o in c.outputs if "image/png" in o.get("data", {})]
+        assert pngs, f"{name}: a plotting cell shows no image/png output:\n{c.source[:300]}"
     return out_dir / "executed.ipynb"
 
 
@@ -177,6 +266,8 @@ def test_01_latent_corruption(tmp_path, kernel_env):
               "nb01_psnr_vs_corruption"):
         assert (figs / f"{f}.png").exists(), f
     assert not list(NB_DIR.glob("*.png"))
+    executed = (run / "executed.ipynb").read_text()
+    assert "headless run: the slider panel is drawn only in a live kernel" in executed  # papermill: INTERACTIVE off
 
 
 @pytest.mark.slow
@@ -219,8 +310,9 @@ def test_04_ablations_sweep_and_aggregate(tmp_path, kernel_env):
     from ldetok.sweep import read_sweep, run_sweep
 
     sweep_dir, figs = tmp_path / "sweep", tmp_path / "figs"
+    # a grid over gamma: point mode without being asked
     summary = run_sweep(NB_DIR / "04_ablations.ipynb", {"gamma": [0.0, 3.0]}, sweep_dir,
-                        extra_params=dict(TOK_SMOKE, FIGURES_DIR=str(figs)))
+                        extra_params=dict(TOK_SMOKE, FIGURES_DIR=str(figs)), kernel_name="python3")
     assert set(summary["points"]) == {"gamma=0.0", "gamma=3.0"}
     assert all(p["status"] == "ok" for p in summary["points"].values()), summary
     assert (sweep_dir / "gamma=3.0" / "executed.ipynb").exists() and (sweep_dir / "sweep.json").exists()
@@ -230,11 +322,15 @@ def test_04_ablations_sweep_and_aggregate(tmp_path, kernel_env):
         assert r["steps"] == 3 and all(_finite(r[k]) for k in ("psnr_clean", "psnr_t0.5", "psnr_mask0.5", "latent_std"))
         assert r["psnr_t0.5"] < r["psnr_clean"] + 3 and r["latent_std"] > 0
 
+    # explore mode: the sweep beside the committed study CSVs, no training; default views drawn to files
     agg = tmp_path / "agg"
     _execute("04_ablations", dict(SWEEP_DIR=str(sweep_dir), RUN_DIR=str(agg), FIGURES_DIR=str(figs)), agg)
     m = _metrics(agg)
-    assert m["n_points"] == 2 and m["best_point_t0.5"] in ("gamma=0.0", "gamma=3.0") and _finite(m["best_psnr_t0.5"])
-    assert (figs / "nb04_sweep_psnr_vs_gamma.png").exists()
+    assert m["sources"]["sweep"]["rows"] == 2
+    assert m["views"]["sweep"][0][1] == "gamma"  # the swept parameter is the x axis
+    for name in ["sweep"] + [p.stem for p in (ROOT / "figures").glob("*.csv")]:
+        assert (figs / f"nb04_{name}.png").exists(), name
+    assert "headless run: the widget panel is drawn only in a live kernel" in (agg / "executed.ipynb").read_text()
 
 
 @pytest.mark.slow
@@ -243,7 +339,8 @@ def test_sweep_records_a_failed_point(tmp_path, kernel_env):
 
     # an unknown preset is refused before any training: the point fails, the sweep goes on
     summary = run_sweep(NB_DIR / "04_ablations.ipynb", {"PRESET": ["no-such-preset"]}, tmp_path / "sweep",
-                        extra_params=dict(TOK_SMOKE, FIGURES_DIR=str(tmp_path / "figs")))
+                        extra_params=dict(TOK_SMOKE, MODE="point", FIGURES_DIR=str(tmp_path / "figs")),
+                        kernel_name="python3")
     rec = summary["points"]["PRESET=no-such-preset"]
     assert rec["status"] == "failed" and rec["returncode"] != 0 and rec["error_tail"]
 
@@ -252,8 +349,8 @@ def test_sweep_records_a_failed_point(tmp_path, kernel_env):
 def test_05_latent_robustness(tmp_path, kernel_env):
     run, figs = tmp_path / "run", tmp_path / "figs"
     _execute("05_latent_robustness", dict(STEPS=3, STATS_IMAGES=64, N_EVAL=16, DENOISER_STEPS=3, DENOISER_BATCH=16,
-                                          TOKENIZER_RUNS=[str(tmp_path / "tok" / "cpu-fmnist"),
-                                                          str(tmp_path / "tok" / "cpu-fmnist-ae")],
+                                          TOKENIZER_RUNS={"cpu-fmnist": str(tmp_path / "tok" / "cpu-fmnist"),
+                                                          "cpu-fmnist-ae": str(tmp_path / "tok" / "cpu-fmnist-ae")},
                                           RUN_DIR=str(run), FIGURES_DIR=str(figs)), run)
     m = _metrics(run)
     toks = m["tokenizers"]

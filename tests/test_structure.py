@@ -25,6 +25,7 @@ PKG = "ldetok"
 OPTIONAL = {
     "gradio", "lpips", "papermill", "wandb", "tensorboard", "torch.utils.tensorboard", "torch_fidelity", "scipy",
     "sklearn", "skimage", "matplotlib", "timm", "tqdm", "torchvision", "PIL", "safetensors", "huggingface_hub",
+    "IPython", "ipywidgets", "pandas",  # the notebooks extra
 }
 
 # Function-level imports of ldetok modules (and of torch) that remain, as {importing module: targets}.
