@@ -79,6 +79,24 @@ def _visible_gpus() -> List[str]:
         return []
 
 
+def _kernel(notebook: Path, requested: Optional[str]) -> Optional[str]:
+    """The kernel to run ``notebook`` with: ``requested``; else the notebook's own when this machine has it
+    (``make install`` registers ``ldetok``); else ``python3``, this environment's, which always exists."""
+    if requested:
+        return requested
+    try:
+        name = json.loads(notebook.read_text())["metadata"]["kernelspec"]["name"]
+    except (OSError, ValueError, KeyError):
+        return None
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        installed = KernelSpecManager().find_kernel_specs()
+    except ImportError:
+        return None
+    return name if name in installed else "python3"
+
+
 def _run_point(notebook: Path, out: Path, params: dict, env: dict, cwd: Path, kernel_name: Optional[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(out / "executed.ipynb"), "-y", json.dumps(params),
@@ -118,6 +136,8 @@ def run_sweep(notebook, grid: Dict[str, list], out, parallel: Optional[int] = No
     for s in slots:
         free.put(s)
 
+    kernel = _kernel(Path(notebook), kernel_name)
+
     def job(name_point):
         name, point = name_point
         gpu = free.get()
@@ -127,7 +147,7 @@ def run_sweep(notebook, grid: Dict[str, list], out, parallel: Optional[int] = No
                 env["CUDA_VISIBLE_DEVICES"] = gpu
             params = {**(extra_params or {}), **point, "RUN_DIR": str(out / name)}
             print(f"[sweep] {name}: start{'' if gpu is None else f' on GPU {gpu}'}", flush=True)
-            rec = _run_point(notebook, out / name, params, env, cwd, kernel_name)
+            rec = _run_point(notebook, out / name, params, env, cwd, kernel)
             if gpu is not None:
                 rec["gpu"] = gpu
             print(f"[sweep] {name}: {rec['status']} in {rec['seconds']:.0f}s", flush=True)
@@ -175,7 +195,7 @@ def add_sweep_parser(subparsers) -> None:
     s.add_argument("--out", required=True, help="sweep folder: OUT/<point>/executed.ipynb, OUT/sweep.json")
     s.add_argument("--parallel", type=int, default=None, help="points at a time on CPU (default 1; one per GPU)")
     s.add_argument("--param", nargs="*", default=[], help="fixed notebook parameters key=value (e.g. STEPS=200)")
-    s.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    s.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's when installed, else python3)")
     s.set_defaults(fn=cmd_sweep)
 
 
