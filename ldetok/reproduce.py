@@ -260,9 +260,9 @@ class _Run:
         self.prog.end(t, skipped)
 
 
-def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> Tuple[Path, str]:
-    """Train (or find) variant ``v``'s tokenizer, then its decoder fine-tuning when asked; returns the
-    folder and tag of the tokenizer the generators use."""
+def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> List[Tuple[Path, str, int]]:
+    """Train (or find) variant ``v``'s tokenizer, then its decoder fine-tuning when asked; returns
+    ``[(folder, tag, decoder fine-tuning steps)]``: the tokenizer, then its decoder-tuned copy."""
 
     P = R.P
     tag = f"{v}_s{seed}_t{tok_steps}"
@@ -271,14 +271,21 @@ def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> Tuple[Path, 
     R.stage(f"tokenizer {PAPER_VARIANTS[v]} seed {seed} ({tok_steps or 'preset'} steps)",
             tok_dir / "tokenizer" / "tokenizer.json", tok_steps, lambda: train_tokenizer(cfg, tok_dir))
     if not R.ft_steps:
-        return tok_dir, tag
+        return [(tok_dir, tag, 0)]
     # ---- decoder fine-tuning: encoder frozen, clean latents, the decoder fine-tuning recipe
-    base_dir, tag = tok_dir, f"{tag}_ft{R.ft_steps}"
-    tok_dir = R.out / "tokenizers" / tag
-    ft_cfg = tokenizer_config(P, v, seed, tok_steps, R.tok_over, parent=str(base_dir), ft_steps=R.ft_steps)
-    R.stage(f"decoder fine-tuning {tag} ({R.ft_steps} steps, {P.decoder_ft()})", tok_dir / "tokenizer" / "tokenizer.json",
-            R.ft_steps, lambda: train_tokenizer(ft_cfg, tok_dir))
-    return tok_dir, tag
+    ft_tag = f"{tag}_ft{R.ft_steps}"
+    ft_dir = R.out / "tokenizers" / ft_tag
+    ft_cfg = tokenizer_config(P, v, seed, tok_steps, R.tok_over, parent=str(tok_dir), ft_steps=R.ft_steps)
+    R.stage(f"decoder fine-tuning {ft_tag} ({R.ft_steps} steps, {P.decoder_ft()})", ft_dir / "tokenizer" / "tokenizer.json",
+            R.ft_steps, lambda: train_tokenizer(ft_cfg, ft_dir))
+    return [(tok_dir, tag, 0), (ft_dir, ft_tag, R.ft_steps)]
+
+
+def shares_latents(a, b) -> bool:
+    """Whether two tokenizer runs (or exports) map images to the same normalised latents: their encoder
+    weights and latent statistics are equal (``Tokenizer.encoder_state``), checked, not assumed."""
+    sa, sb = load_tokenizer(a).encoder_state(), load_tokenizer(b).encoder_state()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _recon_stage(R: _Run, tok_dir: Path, tag: str, seed: int, gen_evals: Dict[str, Path]):
@@ -390,62 +397,84 @@ def _search_guidance(R: _Run, gen, gtok, fam: str, seed: int, n: int) -> Tuple[f
     return best, searched
 
 
-def _evaluation_stage(R: _Run, gdir: Path, fam: str, seed: int, n: int, recon_feats: Dict[str, np.ndarray]) -> dict:
-    """Sample ``n`` class-balanced images (this rank: images rank, rank + world, ...; seeded seed + 1000
-    rank) at the preset's (or the searched) guidance scale; FD and KID against the real images and FD
-    against the reconstructions in every space, and a grid of the first 80."""
+def _evaluation_stage(R: _Run, gdir: Path, fam: str, seed: int, n: int, decoders: Sequence[Tuple[Path, str, int]],
+                      recon_feats: Sequence[Dict[str, np.ndarray]]) -> List[dict]:
+    """Sample ``n`` class-balanced latents (this rank: images rank, rank + world, ...; seeded seed + 1000
+    rank) at the family's (or the searched) guidance scale and decode the same latents with each of
+    ``decoders`` (the generator's tokenizer, then its decoder-tuned copy); per decoder, FD and KID against
+    the reference and FD against its own reconstructions in every space, and a grid of the first 80. The
+    guidance scale is searched with the first decoder and used for all, so they decode the same samples."""
 
     D = R.D
     gen, gtok, gm = load_generator_run(gdir, R.dev)
+    toks = [gtok] + [load_tokenizer(d).to(R.dev).eval() for d, _, _ in decoders[1:]]
     sp = R.P.sampling(fam)
     guidance_scale, searched = sp.guidance_scale, {}
     if sp.guidance_scales:
         guidance_scale, searched = _search_guidance(R, gen, gtok, fam, seed, n)
     mine = list(range(D.rank, n, D.world_size))
     labels = [i % gen.num_classes for i in mine] if gen.num_classes else None
-    imgs, _ = generate_images(gen, gtok, len(mine), guidance_scale=guidance_scale, steps=sp.final_steps,
-                              temperature=sp.temperature, seed=seed + 1000 * D.rank, labels=labels)
-    imgs = _quantize(imgs)
-    feats = _gather(_local_features(R.exts, imgs, mine, R.n_space, logits=True))
-    logits = feats.pop("inception_logits", None)
-    first = [j for j, i in enumerate(mine) if i < 80]
-    grid = _gather({"grid": ([mine[j] for j in first], imgs[first].numpy() if first else None)})["grid"]
+    decoded, _ = generate_images(gen, toks, len(mine), guidance_scale=guidance_scale, steps=sp.final_steps,
+                                 temperature=sp.temperature, seed=seed + 1000 * D.rank, labels=labels)
     ref = _reference(R)
-    ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": guidance_scale, "n": n,
-          "sample_steps": sp.final_steps, "temperature": sp.temperature, "world_size": D.world_size,
-          "reference": R.ref_record["label"]}
-    if searched:
-        ev["cfg_search"] = json.dumps({"n": min(sp.n_search, n), "steps": sp.search_steps, "fd": searched})
-    if logits is not None:  # the real torch-fidelity Inception weights are present
-        ev["is[inception]"] = inception_score_from_logits(logits)[0]
-    for k, f in feats.items():
-        ev[f"n[{k}]"] = len(f)
-        ev[f"fd_gen_real[{k}]"], ev[f"kid_gen_real[{k}]"] = _ref_metrics(ref[k], f)
-        ev[f"fd_gen_recon[{k}]"] = fd_from_features(f, recon_feats[k])
-    if R.main:
-        save_grid(torch.from_numpy(grid), R.out / "samples" / f"{gdir.name}.png", nrow=10)
-    return ev
+    evs = []
+    for (_, tag, ft), imgs, rfeats in zip(decoders, decoded, recon_feats):
+        imgs = _quantize(imgs)
+        feats = _gather(_local_features(R.exts, imgs, mine, R.n_space, logits=True))
+        logits = feats.pop("inception_logits", None)
+        first = [j for j, i in enumerate(mine) if i < 80]
+        grid = _gather({"grid": ([mine[j] for j in first], imgs[first].numpy() if first else None)})["grid"]
+        ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": guidance_scale, "n": n,
+              "sample_steps": sp.final_steps, "temperature": sp.temperature, "world_size": D.world_size,
+              "reference": R.ref_record["label"], "generator_tokenizer": decoders[0][1]}
+        if searched:
+            ev["cfg_search"] = json.dumps({"n": min(sp.n_search, n), "steps": sp.search_steps, "fd": searched})
+        if logits is not None:  # the real torch-fidelity Inception weights are present
+            ev["is[inception]"] = inception_score_from_logits(logits)[0]
+        for k, f in feats.items():
+            ev[f"n[{k}]"] = len(f)
+            ev[f"fd_gen_real[{k}]"], ev[f"kid_gen_real[{k}]"] = _ref_metrics(ref[k], f)
+            ev[f"fd_gen_recon[{k}]"] = fd_from_features(f, rfeats[k])
+        if R.main:
+            save_grid(torch.from_numpy(grid), R.out / "samples" / f"{gdir.name}{f'_ft{ft}' if ft else ''}.png", nrow=10)
+        evs.append(ev)
+    return evs
 
 
 def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) -> List[dict]:
-    """Every stage of one (budget, seed, variant): tokenizer, reconstruction metrics, then per generator
-    family its training and evaluation; one result row per family."""
+    """Every stage of one (budget, seed, variant): tokenizer (and its decoder fine-tuning), reconstruction
+    metrics, then per generator family its training and evaluation; one result row per family and
+    decoder. A decoder-tuned copy that shares its parent's latents (checked) reuses the parent's latent
+    cache and generator: the same sampled latents are decoded by both decoders, side by side. One whose
+    encoder changed gets generators of its own."""
     P = R.P
-    tok_dir, tag = _tokenizer_stage(R, v, seed, tok_steps)
-    gen_evals = {fam: R.out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json" for fam in P.generators}
-    rec, recon_feats, n = _recon_stage(R, tok_dir, tag, seed, gen_evals)
+    toks = _tokenizer_stage(R, v, seed, tok_steps)
+    shared = len(toks) == 2 and bool(broadcast_object(shares_latents(toks[0][0], toks[1][0]) if R.main else None))
+    if len(toks) == 2 and not shared:
+        R.say(f"  {toks[1][1]}: its encoder or latent statistics differ from {toks[0][1]}'s: generators are "
+              "trained on it separately")
+    decoders = toks if shared else toks[-1:]
+    gen_dir, gen_tag = decoders[0][0], decoders[0][1]
+    evals = {(fam, tag): R.out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json" for fam in P.generators
+             for _, tag, _ in decoders}
+    # every decoder's reconstruction features are needed while any of the evaluations is missing
+    recs = [_recon_stage(R, d, tag, seed, {str(q): q for q in evals.values()}) for d, tag, _ in decoders]
+    n = recs[0][2]
     rows = []
     for fam in P.generators:
-        gdir = _generator_stage(R, fam, tag, tok_dir, seed, gen_steps)
-        t = R.prog.stage(f"sample {n} and evaluate {gdir.name}")
-        ev = R.done(gen_evals[fam])
-        skipped = ev is not None
+        gdir = _generator_stage(R, fam, gen_tag, gen_dir, seed, gen_steps)
+        paths = [evals[(fam, tag)] for _, tag, _ in decoders]
+        t = R.prog.stage(f"sample {n} and evaluate {gdir.name}" + (" with both decoders" if shared else ""))
+        evs = [R.done(p) for p in paths]
+        skipped = all(ev is not None for ev in evs)
         if not skipped:
-            ev = _evaluation_stage(R, gdir, fam, seed, n, recon_feats)
-            R.save(gen_evals[fam], ev)
+            evs = _evaluation_stage(R, gdir, fam, seed, n, decoders, [r[1] for r in recs])
+            for p, ev in zip(paths, evs):
+                R.save(p, ev)
         R.prog.end(t, skipped)
-        rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
-                     **({"decoder_ft_steps": R.ft_steps} if R.ft_steps else {}), "gen_steps": gen_steps, **rec, **ev})
+        for (_, _, ft), (rec, _, _), ev in zip(decoders, recs, evs):
+            rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
+                         **({"decoder_ft_steps": ft} if R.ft_steps else {}), "gen_steps": gen_steps, **rec, **ev})
     return rows
 
 
@@ -511,7 +540,7 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     for tok_steps, gen_steps in budgets:
         for _ in range(len(seeds) * len(variants)):
             plan += [("tokenizer", tok_steps or 1000)] + ([("tokenizer", ft_steps)] if ft_steps else [])
-            plan += [("recon", P.n_eval)]
+            plan += [("recon", P.n_eval)] * (2 if ft_steps else 1)
             plan += [("generator", gen_steps or 1000), ("sample", P.n_eval)] * len(P.generators)
     R = _Run(P, out, D, tok_over, gen_over, ft_steps, _Progress(plan, verbose=D.is_main))
     R.reference_required = reference is not None
@@ -577,6 +606,22 @@ def protocol_table(P: ReproduceConfig, preset: str, variants, budgets, ft_steps:
                                                "temperature"])
 
 
+def _variant_key(r: dict) -> str:
+    """A result row's line in the tables and figures: its variant, and which decoder rendered it."""
+    ft = int(r.get("decoder_ft_steps") or 0)
+    return f"{r['variant']}+ft{ft}" if ft else r["variant"]
+
+
+def _label(key: str, names: Dict[str, str]) -> str:
+    v, _, ft = key.partition("+ft")
+    return names.get(v, v) + (f", decoder fine-tuned {ft} steps" if ft else "")
+
+
+def _variant_order(key: str) -> tuple:
+    v, _, ft = key.partition("+ft")
+    return (list(PAPER_VARIANTS).index(v) if v in PAPER_VARIANTS else len(PAPER_VARIANTS), int(ft or 0))
+
+
 def _fmt_table(rows, headers) -> str:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -594,7 +639,7 @@ def headline_table(rows: List[dict]) -> str:
     cols = [c for c in cols if any(r.get(c[1]) not in (None, "") for r in rows)]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
-        groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
+        groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], _variant_key(r)), []).append(r)
 
     def cell(rs, key, fmt):
         vals = [float(r[key]) for r in rs if r.get(key) not in (None, "")]
@@ -606,7 +651,7 @@ def headline_table(rows: List[dict]) -> str:
         std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
         return f"{format(mean, fmt)} ± {format(std, fmt)}"
 
-    out = [[LABELS.get(v, v), f"{ts}/{gs}", fam] + [cell(rs, k, f) for _, k, f in cols]
+    out = [[_label(v, LABELS), f"{ts}/{gs}", fam] + [cell(rs, k, f) for _, k, f in cols]
            for (ts, gs, fam, v), rs in groups.items()]
     return _fmt_table(out, ["tokenizer", "steps tok/gen", "generator"] + [c[0] for c in cols])
 
@@ -621,11 +666,11 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         w.writerows(rows)
     metrics = [k for k in keys if k not in ("variant", "generator", "seed", "tok_steps", "gen_steps", "cfg", "n",
                                             "n_recon", "sample_steps", "world_size", "decoder_ft_steps",
-                                            "cfg_search", "temperature", "reference")
+                                            "cfg_search", "temperature", "reference", "generator_tokenizer")
                and not k.startswith("n[")]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
-        groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], r["variant"]), []).append(r)
+        groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], _variant_key(r)), []).append(r)
     scales = sorted({float(r["cfg"]) for r in rows})
     scale_text = f"{scales[0]:g}" if len(scales) == 1 else "chosen per run by FD search, see results.csv"
     counts = "; ".join(f"{k}: first {rows[0][f'n[{k}]']}" for k in P.features if f"n[{k}]" in rows[0])
@@ -633,8 +678,10 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
              f"Test images and class-balanced samples (cfg {scale_text}, EMA weights, "
              f"{rows[0]['sample_steps'] or 'default'} sampler steps), n = {rows[0]['n']} per set; feature spaces "
              f"({counts or ', '.join(P.features)}); seeds {sorted({r['seed'] for r in rows})}, mean ± std over seeds."
-             + (f" Tokenizers after {rows[0]['decoder_ft_steps']} steps of decoder fine-tuning."
-                if rows[0].get("decoder_ft_steps") else "")
+             + (f" Decoder fine-tuning ({max(int(r.get('decoder_ft_steps') or 0) for r in rows)} steps, encoder frozen): "
+                "where the tuned tokenizer shares its parent's latents, the parent's generator is reused and "
+                "the same sampled latents are decoded by both decoders (rows with and without `decoder fine-tuned`)."
+                if any(r.get("decoder_ft_steps") for r in rows) else "")
              + (f" gFID/KID reference: {rows[0]['reference']}." if rows[0].get("reference") else ""),
              "",
              "- `psnr`, `ssim`: clean reconstructions (posterior mean, 8-bit rounded); `psnr_tT`: decodes (float) of "
@@ -658,7 +705,7 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         for m in metrics:
             vals = [float(r[m]) for r in rs if r.get(m) is not None]
             cells.append("n/a" if not vals else f"{np.mean(vals):.3g}" + (f" ± {np.std(vals):.2g}" if len(vals) > 1 else ""))
-        lines.append(f"| {ts} | {gs} | {fam} | {PAPER_VARIANTS.get(v, v)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ts} | {gs} | {fam} | {_label(v, PAPER_VARIANTS)} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if len({(r["tok_steps"], r["gen_steps"]) for r in rows}) > 1:
@@ -707,14 +754,14 @@ def _plot_budget(groups, metrics, preset, figures: Path) -> None:
             fig = Figure(figsize=(3.4 * ncols, 2.9 * nrows))
             axes = fig.subplots(nrows, ncols, squeeze=False)
             for ax, m in zip(axes.flat, ms):
-                for v in [v for v in PAPER_VARIANTS if any(k[3] == v for k in groups)]:
+                for v in dict.fromkeys(k[3] for k in sorted(groups, key=lambda k: _variant_order(k[3]))):
                     pts = sorted((k[0] + k[1], [float(r[m]) for r in rs if r.get(m) not in (None, "")])
                                  for k, rs in groups.items() if k[2] == fam and k[3] == v)
                     pts = [(b, vals) for b, vals in pts if vals]
                     if pts:
                         ax.errorbar([b for b, _ in pts], [np.mean(x) for _, x in pts],
                                     yerr=[np.std(x) for _, x in pts], marker="o", ms=3,
-                                    label=LABELS.get(v, v), capsize=2)
+                                    label=_label(v, LABELS), capsize=2)
                 ax.set_title(_title(m), fontsize=8)
                 ax.set_xscale("log")
                 ax.set_xticks([a + b for a, b in budgets])

@@ -35,23 +35,28 @@ def generate_images(gen, tok, n: int, guidance_scale: float = 1.0, steps: Option
                     precision: str = "auto"):
     """n images in [-1, 1] (float32) and their labels, sampled at classifier-free ``guidance_scale``;
     class-balanced (label i % num_classes) unless given. ``precision``: "auto" (bf16 autocast on CUDA,
-    float32 elsewhere), "bf16" or "fp32"."""
+    float32 elsewhere), "bf16" or "fp32".
+
+    ``tok`` may be a list of tokenizers sharing one latent space (a tokenizer and its decoder-tuned
+    copy): the same sampled latents are then decoded by each, and the images come back as a list."""
+    decoders = list(tok) if isinstance(tok, (list, tuple)) else [tok]
     device = next(gen.parameters()).device
     if labels is None:
         labels = (torch.arange(n) % gen.num_classes).tolist() if gen.num_classes else [None] * n
     labels = list(labels) * (n // max(1, len(labels)) + 1)
     g = torch.Generator(device=device).manual_seed(seed)
-    out, out_labels = [], []
+    out, out_labels = [[] for _ in decoders], []
     for i in range(0, n, batch_size):
         lab = labels[i:min(n, i + batch_size)]
         y = None if lab[0] is None else torch.tensor(lab, device=device)
         with autocast_ctx(device, precision):
             z = gen.sample(len(lab), labels=y, guidance_scale=guidance_scale, steps=steps, temperature=temperature,
                            generator=g)
-            x = tok.detokenize(z.float())
-        out.append(x.float().cpu())
+            for acc, d in zip(out, decoders):
+                acc.append(d.detokenize(z.float()).float().cpu())
         out_labels += lab
-    return torch.cat(out), out_labels
+    images = [torch.cat(acc) for acc in out]
+    return (images if isinstance(tok, (list, tuple)) else images[0]), out_labels
 
 
 def sample_run(run_dir, n: int = 64, guidance_scale: float = 1.0, steps: Optional[int] = None, temperature: float = 1.0,

@@ -164,5 +164,17 @@ class Tokenizer(nn.Module):
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith("decoder."))
 
+    def encoder_state(self) -> dict:
+        """What fixes the latent space: every parameter decoder fine-tuning freezes
+        (``freeze_all_but_decoder``) and the latent statistics, by name. Two tokenizers whose encoder
+        states are equal map an image to the same normalised latents."""
+        trainable = {n: p.requires_grad for n, p in self.named_parameters()}
+        self.freeze_all_but_decoder()
+        out = {n: p.detach() for n, p in self.named_parameters() if not p.requires_grad}
+        for n, p in self.named_parameters():
+            p.requires_grad_(trainable[n])
+        out.update({k: getattr(self, k) for k in self.STATS_KEYS})
+        return out
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
