@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..data import (DATASETS, IMG_EXTENSIONS, build_dataset, center_crop_adm, from_uint8, load_rgb)
+from ..runs import to_jsonable
 from ..weights import RELEASED_PREFIX, entry, resolve
 from .fid import _slug, load_reference_stats, reference_stats
 
@@ -250,7 +251,7 @@ class Reference:
             self.has_stats, self.keys, self.fingerprint = True, {"mu": None, "sigma": None}, file_fingerprint(self.path)
             return
         members = _npz_members(self.path)
-        self.keys = {k: (list(shape), str(dtype)) for k, (shape, dtype) in members.items()}
+        self.keys = {k: {"shape": list(shape), "dtype": str(dtype)} for k, (shape, dtype) in members.items()}
         self.fingerprint = file_fingerprint(self.path)
         found = f"found keys {sorted(members) or 'none'}"
         if "mu" in members or "sigma" in members:
@@ -311,7 +312,7 @@ class Reference:
 
     def record(self) -> dict:
         """Everything that identifies this reference, JSON-able, for a results file."""
-        rec = {"kind": self.kind, "spec": self.spec if isinstance(self.spec, (list, dict)) else str(self.spec),
+        rec = {"kind": self.kind, "spec": to_jsonable(self.spec) if isinstance(self.spec, (list, dict)) else str(self.spec),
                "label": self.label, "resolution": self.resolution, "count": self.count, "selection": self.selection}
         if self.kind == "dataset":
             rec.update(dataset=self.dataset, split=self.split, root=None if self.root is None else str(self.root),
@@ -348,9 +349,10 @@ class Reference:
             return "images"
         return "stats" if self.has_stats and space != "classifier" else None
 
-    def stats(self, space: str, extractor, dim: int):
-        """``(mu, sigma, real features or None)`` in ``extractor``'s space (features computed and cached
-        where they come from images)."""
+    def stats(self, space: str, extractor, dim: Optional[int] = None):
+        """``(mu, sigma, real features or None)`` in ``extractor``'s space ("inception", "classifier" or a
+        custom name; see ``source``): features computed and cached where they come from images. ``dim``:
+        the samples' feature dimension, checked against the statistics."""
         src = self.source(space)
         if src is None:
             raise Unavailable(f"the statistics file {self.path} holds no {space} statistics; the {space} space "
@@ -366,7 +368,7 @@ class Reference:
                                                extractor, selection=selection, record={"reference": self.record()})
             if self.count is None and self.kind == "dataset":
                 self.count = len(feats)
-        if mu.shape[0] != dim:
+        if dim is not None and mu.shape[0] != dim:
             raise ValueError(f"reference {self.label} has {mu.shape[0]}-d statistics, the {space} features are "
                              f"{dim}-d ({extractor.description})")
         return mu, sigma, feats
