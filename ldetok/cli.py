@@ -202,7 +202,8 @@ def cmd_eval_generator(args) -> int:
     evaluate_generator_run(args.run_dir, n=args.n, guidance_scale=args.cfg, guidance_scales=sweep, n_search=args.n_search,
                            extractors=tuple(args.features.split(",")), sweep_extractor=args.sweep_features,
                            steps=args.steps, temperature=args.temperature, seed=args.seed,
-                           batch_size=args.batch_size, device=args.device, png_dir=args.png_dir)
+                           batch_size=args.batch_size, device=args.device, png_dir=args.png_dir,
+                           reference=args.reference or None, reference_root=args.reference_root)
     return 0
 
 
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_sample)
 
-    s = sub.add_parser("eval-generator", help="gFID / KID / precision-recall (+ classifier-space FD) of a generator run")
+    s = sub.add_parser("eval-generator", help="gFID / IS / KID / precision-recall (+ classifier-space FD) of a generator run")
     s.add_argument("run_dir")
     s.add_argument("--n", type=int, default=1000, help="samples for the final evaluation (class-balanced)")
     s.add_argument("--cfg", type=float, default=1.0)
@@ -336,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=100)
     s.add_argument("--device", default="auto")
     s.add_argument("--png-dir", default=None, help="also write the samples as PNG here")
+    s.add_argument("--reference", default="", metavar="SPEC",
+                   help="the real images: DATASET:SPLIT (whole split) or DATASET:SPLIT:N (N spread evenly), "
+                        "released:adm_in256_stats (the paper's protocol) or released:adm_in256_ref_batch, an .npz "
+                        "(ADM mu/sigma or arr_0 images), or a folder of images (default: the tokenizer's dataset, "
+                        "train split, --n images spread evenly)")
+    s.add_argument("--reference-root", default=None,
+                   help="data folder of a DATASET:SPLIT reference (default: the tokenizer run's data_root)")
     s.set_defaults(fn=cmd_eval_generator)
 
     s = sub.add_parser("reproduce", help="the corruption ablation end to end (tokenizers, generators, metrics)")

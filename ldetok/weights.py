@@ -18,7 +18,10 @@ Offline (``HF_HUB_OFFLINE=1``, ``LDETOK_OFFLINE=1``, or no route to the server w
 one ``MissingWeightsError`` naming the file, every place it looked and how to provide it.
 
 ``released:NAME`` names the released l-DeTok tokenizers and generators (``released:detok_BB``,
-``released:mar_base``, ...); ``ldetok weights list`` / ``ldetok weights download NAME`` are the CLI.
+``released:mar_base``, ...; ``RELEASED``) and the ImageNet 256 reference files the official generator
+evaluation measures against (``released:adm_in256_stats``, ``released:adm_in256_ref_batch``;
+``REFERENCE_FILES``, read by ``ldetok.eval.Reference``); ``ldetok weights list`` / ``ldetok weights
+download NAME`` are the CLI.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Optional, Union
 import torch
 
 __all__ = [
-    "MissingWeightsError", "WeightFile", "TABLE", "RELEASED", "RELEASED_PREFIX", "OFFLINE_ENV",
+    "MissingWeightsError", "WeightFile", "TABLE", "RELEASED", "REFERENCE_FILES", "RELEASED_PREFIX", "OFFLINE_ENV",
     "entry", "is_spec", "resolve", "download", "locate", "cached_path", "describe", "offline_reason",
     "hub_checkpoint_dir",
 ]
@@ -64,7 +67,9 @@ class WeightFile:
     package: str = ""  # package: the importable package shipping the file ...
     package_path: str = ""  # ... at this path inside the package folder
     pip: str = ""  # package: the pip name
-    released: bool = False  # a released l-DeTok / MAR checkpoint (``released:NAME``)
+    released: bool = False  # named ``released:NAME``: a released checkpoint or reference file
+    kind: str = "weights"  # "weights", or "reference" (FID statistics / a reference image batch)
+    verified: bool = True  # torch_hub: the SHA-256 prefix in the name is checked (False: none is published)
     note: str = ""  # how to get it by hand, or what is uncertain about it
 
     @property
@@ -100,6 +105,7 @@ _HF_FILES = (
     ("mar_large", "mar_large.pth", "released MAR-Large generator"),
     ("marvae", "kl16.ckpt", "MAR KL-16 VAE"),
 )
+_ADM_REF = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
 
 
 def _table() -> dict[str, WeightFile]:
@@ -125,11 +131,22 @@ def _table() -> dict[str, WeightFile]:
         files.append(WeightFile(name, fname, what, f"LDETOK_{name.upper()}_WEIGHTS", "hf_hub", repo_id=_HF_REPO,
                                 released=True,
                                 note="path in the Hub repository unconfirmed" if name == "marvae" else ""))
+    # The reference of the official generator evaluation (torch-fidelity FID against ADM's statistics),
+    # and ADM's own reference batch (10k ImageNet 256 images as arr_0, with their mu/sigma).
+    files.append(WeightFile("adm_in256_stats", "fid_stats/adm_in256_stats.npz",
+                            "ADM ImageNet 256 FID statistics (mu, sigma)", "LDETOK_ADM_IN256_STATS", "hf_hub",
+                            repo_id=_HF_REPO, released=True, kind="reference"))
+    files.append(WeightFile("adm_in256_ref_batch", "VIRTUAL_imagenet256_labeled.npz",
+                            "ADM ImageNet 256 reference batch (images arr_0, mu, sigma)", "LDETOK_ADM_IN256_REF_BATCH",
+                            "torch_hub", url=_ADM_REF + "VIRTUAL_imagenet256_labeled.npz", released=True,
+                            kind="reference", verified=False,
+                            note="no published checksum: the download is not hash-checked"))
     return {f.name: f for f in files}
 
 
 TABLE: dict[str, WeightFile] = _table()
-RELEASED = tuple(n for n, f in TABLE.items() if f.released)
+RELEASED = tuple(n for n, f in TABLE.items() if f.released and f.kind == "weights")  # checkpoints
+REFERENCE_FILES = tuple(n for n, f in TABLE.items() if f.kind == "reference")
 
 
 # ---- names and specs -----------------------------------------------------------------------------
@@ -191,8 +208,9 @@ def cached_path(e: WeightFile) -> tuple[Optional[Path], str]:
 
 def _explicit(p, filename: str, label: str) -> tuple[Optional[Path], str]:
     path = Path(p).expanduser()
-    if path.is_dir():  # a folder holding the file is accepted too
-        path = path / filename
+    if path.is_dir():  # a folder holding the file is accepted too (at its path in the repository, or by name)
+        inside = [path / filename, path / Path(filename).name]
+        path = next((q for q in inside if q.is_file()), inside[0])
     return (path if path.is_file() else None), f"{label} '{path}'" + ("" if path.is_file() else " (no such file)")
 
 
@@ -280,7 +298,7 @@ def _fetch(e: WeightFile, progress: bool) -> Path:
     """Download ``e`` into its standard cache (no checks of the network; see ``download``)."""
     if e.source == "torch_hub":
         prefix = e.hash_prefix
-        if not prefix:
+        if not prefix and e.verified:
             raise ValueError(f"{e.spec}: a torch hub file needs a hash prefix in its name, got {e.filename!r}")
         dst = hub_checkpoint_dir() / e.filename
         dst.parent.mkdir(parents=True, exist_ok=True)

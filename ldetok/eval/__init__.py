@@ -29,8 +29,10 @@ from .generation import (
     metric_key,
     precision_recall,
     reference_score,
+    run_reference,
     write_samples_png,
 )
+from .reference import BadReferenceError, Reference, even_indices, file_fingerprint, is_dataset_spec
 from .inception import ensure_inception_weights, inception_score_available, weights_info, weights_path
 from .recon import evaluate_reconstruction, image_noise, psnr, psnr_under_noise, reconstruct_noised, ssim
 
@@ -46,7 +48,13 @@ __all__ = [
     "metric_key",
     "precision_recall",
     "reference_score",
+    "run_reference",
     "write_samples_png",
+    "BadReferenceError",
+    "Reference",
+    "even_indices",
+    "file_fingerprint",
+    "is_dataset_spec",
     "InceptionFeatures",
     "MetricResult",
     "default_cache_dir",

@@ -347,45 +347,54 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s)).strip("-") or "none"
 
 
-def _ref_paths(dataset_key, split, resolution, count, extractor, cache_dir) -> tuple[Path, Path]:
+def _ref_paths(dataset_key, split, resolution, count, extractor, cache_dir, selection=None) -> tuple[Path, Path]:
+    """Cache files of one reference: ``count`` None is the whole set (``nall``); ``selection`` names how
+    the images were picked (None: the first ``count``, the layout older caches have)."""
     d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stem = f"{_slug(dataset_key)}__{_slug(split)}__r{int(resolution)}__n{int(count)}__{_slug(extractor.cache_key)}"
+    n = "all" if count is None else int(count)
+    stem = f"{_slug(dataset_key)}__{_slug(split)}__r{int(resolution)}__n{n}__{_slug(extractor.cache_key)}"
+    if selection:
+        stem += f"__{_slug(selection)}"
     return d / f"{stem}.npz", d / f"{stem}.json"
 
 
-def lookup_reference_stats(dataset_key, split, resolution, count, extractor=None, cache_dir=None):
+def lookup_reference_stats(dataset_key, split, resolution, count, extractor=None, cache_dir=None, selection=None):
     """Cached ``(mu, sigma, features)`` or None."""
     extractor = extractor if extractor is not None else InceptionFeatures()
-    npz, _ = _ref_paths(dataset_key, split, resolution, count, extractor, cache_dir)
+    npz, _ = _ref_paths(dataset_key, split, resolution, count, extractor, cache_dir, selection)
     if not npz.is_file():
         return None
     with np.load(npz, allow_pickle=False) as z:
         return z["mu"], z["sigma"], z["features"]
 
 
-def store_reference_stats(dataset_key, split, resolution, count, features, extractor=None, cache_dir=None):
-    """Compute (mu, sigma) from ``features`` and cache them with a JSON protocol record."""
+def store_reference_stats(dataset_key, split, resolution, count, features, extractor=None, cache_dir=None,
+                          selection=None, record=None):
+    """Compute (mu, sigma) from ``features`` and cache them with a JSON protocol record (``record``: more
+    fields for it, e.g. where the images came from)."""
     extractor = extractor if extractor is not None else InceptionFeatures()
     features = np.asarray(features, np.float32)
-    if features.shape[0] != count:
+    if count is not None and features.shape[0] != count:
         raise ValueError(
             f"reference {dataset_key}/{split}@{resolution}: declared count {count}, "
             f"got {features.shape[0]} feature rows"
         )
     mu, sigma = stats_from_features(features)
-    npz, js = _ref_paths(dataset_key, split, resolution, count, extractor, cache_dir)
+    npz, js = _ref_paths(dataset_key, split, resolution, count, extractor, cache_dir, selection)
     save_reference_stats(npz, mu, sigma, features)
-    record = {
+    info = {
         "dataset": dataset_key,
         "split": split,
         "resolution": int(resolution),
-        "count": int(count),
+        "count": int(features.shape[0]),
+        "selection": selection or "first",
         "features": extractor.description,
         "extractor_key": extractor.cache_key,
         "quantisation": "uint8 by rounding",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    atomic_write_bytes(json.dumps(record, indent=2).encode(), js)
+    info.update({k: v for k, v in (record or {}).items() if k not in info})
+    atomic_write_bytes(json.dumps(info, indent=2, default=str).encode(), js)
     return mu, sigma, features
 
 
@@ -393,20 +402,27 @@ def reference_stats(
     dataset_key: str,
     split: str,
     resolution: int,
-    count: int,
+    count: int | None,
     images_fn: Callable[[], Iterable[torch.Tensor]],
     cache_dir=None,
     extractor=None,
+    selection: str | None = None,
+    record: dict | None = None,
 ):
-    """``(mu, sigma, features)`` of the first ``count`` images ``images_fn()`` yields, cached on disk per
-    (dataset, split, resolution, count, extractor). ``images_fn`` is only called on a cache miss; it must
-    yield at least ``count`` images (tensors or (tensor, label) batches, in a fixed order)."""
+    """``(mu, sigma, features)`` of the first ``count`` images ``images_fn()`` yields (``count`` None: all
+    of them), cached on disk per (dataset, split, resolution, count, extractor, ``selection``).
+    ``images_fn`` is only called on a cache miss; it must yield at least ``count`` images (tensors or
+    (tensor, label) batches, in a fixed order). ``selection`` names how the caller picked the images it
+    yields (part of the cache key); ``record`` goes into the cache's JSON record."""
     extractor = extractor if extractor is not None else InceptionFeatures()
-    hit = lookup_reference_stats(dataset_key, split, resolution, count, extractor, cache_dir)
+    hit = lookup_reference_stats(dataset_key, split, resolution, count, extractor, cache_dir, selection)
     if hit is not None:
         return hit
 
     def first_n():
+        if count is None:
+            yield from _batches(images_fn(), 1 << 30)
+            return
         left = count
         for b in _batches(images_fn(), max(1, count)):
             if left <= 0:
@@ -415,12 +431,13 @@ def reference_stats(
             left -= b[:left].shape[0]
 
     feats = extractor.features(first_n())
-    if feats.shape[0] < count:
+    if count is not None and feats.shape[0] < count:
         raise ValueError(
             f"reference {dataset_key}/{split}@{resolution}: asked for {count} images, "
             f"images_fn yielded only {feats.shape[0]}"
         )
-    return store_reference_stats(dataset_key, split, resolution, count, feats, extractor, cache_dir)
+    return store_reference_stats(dataset_key, split, resolution, count, feats, extractor, cache_dir, selection,
+                                  record)
 
 
 # ---- metrics with their protocol ----------------------------------------------------------------
@@ -446,7 +463,8 @@ class MetricResult:
             s = f"{v:.2f}"
         else:
             s = f"{v:.4g}"
-        proto = ", ".join(f"{k}={val}" for k, val in self.protocol.items())
+        # nested records (the reference's full description) stay in to_dict(), out of the one-line form
+        proto = ", ".join(f"{k}={val}" for k, val in self.protocol.items() if not isinstance(val, dict))
         return f"{self.name} = {s}  [{proto}]" if proto else f"{self.name} = {s}"
 
     __str__ = format

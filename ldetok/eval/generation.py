@@ -8,10 +8,13 @@ Two feature spaces, named in every result:
   precision/recall-clf and class consistency (its accuracy on samples against their labels).
   Cheap on a CPU, and not comparable with Inception numbers.
 
-Every FID goes through ``fid_from_stats`` and every KID through ``kid_from_features``. A reference
-is ``(dataset, split, resolution, count[, root])`` (real features computed once and cached by
-``reference_stats``) or an ADM-style ``.npz`` of Inception statistics: with only ``mu``/``sigma`` in
-it, KID and precision/recall are reported unavailable (they need real features).
+Every FID goes through ``fid_from_stats`` and every KID through ``kid_from_features``. The reference
+is a ``Reference`` (``reference.py``): a dataset split (``"imagenet:val"``, ``"imagenet:train:50000"``
+spread evenly), ADM statistics or an ADM reference batch (``"released:adm_in256_stats"``, an ``.npz``),
+a folder of images, or the older ``(dataset, split, resolution, count[, root])``; features of real
+images are computed once and cached by ``reference_stats``. With only ``mu``/``sigma``, KID and
+precision/recall are reported unavailable (they need real features). Every result's protocol holds
+``ref`` (the reference's label) and ``reference`` (its full ``record()``).
 
 The official l-DeTok protocol (the paper, section 4): class-balanced samples from the
 EMA generator, a guidance-scale search (``guidance_sweep``) on a smaller sample count, then the final
@@ -24,7 +27,6 @@ Bińkowski et al. 2018 (KID); Salimans et al. 2016 (IS); torch-fidelity (``prc``
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
@@ -32,9 +34,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..data import DATASETS, build_dataset
+from ..data import DATASETS
 from ..engine.distributed import get_rank, get_world_size, resolve_device
-from ..runs import atomic_write_bytes, load_generator_run, run_train_config
+from ..runs import atomic_write_bytes, generator_meta, load_generator_run, run_train_config
 from ..sampling import generate_images, to_uint8
 from .classifier import ClassifierFeatures
 from .fid import (
@@ -43,11 +45,10 @@ from .fid import (
     fid_from_stats,
     inception_score_from_logits,
     kid_from_features,
-    load_reference_stats,
-    reference_stats,
     stats_from_features,
 )
 from .inception import inception_score_available, weights_info
+from .reference import Reference, Unavailable, is_dataset_spec
 
 __all__ = [
     "evaluate_generation",
@@ -55,6 +56,7 @@ __all__ = [
     "evaluate_generator_run",
     "guidance_sweep",
     "metric_key",
+    "run_reference",
     "precision_recall",
     "reference_score",
     "write_samples_png",
@@ -142,80 +144,13 @@ def write_samples_png(images: torch.Tensor, labels, out_dir, start: int = 0) -> 
 
 
 # ---- references and extractors ------------------------------------------------------------------
-class _Unavailable(Exception):
-    pass
+_Reference = Reference  # the earlier private name
 
 
-class _Reference:
-    """A parsed reference: a dataset split (features computed and cached per extractor) or a stats file."""
-    def __init__(self, reference, cache_dir=None, batch_size: int = 500):
-        self.cache_dir, self.batch_size = cache_dir, batch_size
-        if isinstance(reference, (str, os.PathLike)):
-            self.path = Path(reference)
-            if not self.path.is_file():
-                raise FileNotFoundError(f"reference statistics file not found: {self.path}")
-            self.dataset = self.resolution = None
-            self.label = f"{self.path} (statistics file)"
-            return
-        if isinstance(reference, Mapping):
-            reference = tuple(reference.get(k) for k in ("dataset", "split", "resolution", "count", "root"))
-        if not isinstance(reference, (tuple, list)) or len(reference) not in (4, 5):
-            raise ValueError("reference must be (dataset, split, resolution, count[, root]), a dict with those "
-                             f"keys, or the path of an .npz of FID statistics; got {reference!r}")
-        self.path = None
-        self.dataset, self.split, res, count = reference[:4]
-        self.root = reference[4] if len(reference) == 5 else None
-        self.resolution, self.count = int(res), int(count)
-        if self.count < 2:
-            raise ValueError(f"reference count must be >= 2, got {self.count}")
-        self.label = f"{self.dataset}/{self.split}@{self.resolution} (n={self.count})"
-
-    def check_resolution(self, res) -> None:
-        if self.resolution is not None and res != self.resolution:
-            raise ValueError(f"samples are {res} px but the reference {self.label} is at {self.resolution} px: "
-                             f"build the reference at the samples' resolution")
-
-    def _images(self):
-        kind = DATASETS.get(self.dataset)
-        kw = {"train": False} if kind == "imagefolder" else {}  # no random flips in a reference
-        ds = build_dataset(self.dataset, split=self.split, image_size=self.resolution,
-                           channels=1 if kind == "fashion_mnist" else 3, root=self.root, **kw)
-        if len(ds) < self.count:
-            raise ValueError(f"reference {self.label}: the dataset has only {len(ds)} images")
-        if hasattr(ds, "tensor_batch"):
-            for i in range(0, self.count, self.batch_size):
-                yield ds.tensor_batch(range(i, min(self.count, i + self.batch_size)))[0]
-        else:
-            sub = torch.utils.data.Subset(ds, range(self.count))
-            for x, _ in torch.utils.data.DataLoader(sub, batch_size=self.batch_size, shuffle=False):
-                yield x
-
-    def stats(self, space: str, extractor, dim: int):
-        """(mu, sigma, real features or None) in ``extractor``'s space. A statistics file serves the
-        Inception space (ADM / torch-fidelity files) or a custom extractor's space (the caller vouches
-        for it; the dimension is checked), never the classifier's."""
-        if self.path is None:
-            mu, sigma, feats = reference_stats(self.dataset, self.split, self.resolution, self.count, self._images,
-                                               cache_dir=self.cache_dir, extractor=extractor)
-        else:
-            if space == "classifier":  # its statistics depend on the classifier's weights: never from a file
-                raise _Unavailable(f"the statistics file {self.path} holds no classifier statistics; the classifier "
-                                   "space needs a (dataset, split, resolution, count) reference")
-            mu, sigma = load_reference_stats(self.path)
-            feats = None
-            if self.path.suffix == ".npz":
-                with np.load(self.path, allow_pickle=False) as z:
-                    feats = z["features"] if "features" in z.files else None
-        if mu.shape[0] != dim:
-            raise ValueError(f"reference {self.label} has {mu.shape[0]}-d statistics, the {space} features are "
-                             f"{dim}-d ({extractor.description})")
-        return mu, sigma, feats
-
-
-def _default_classifier(ref: _Reference, device):
+def _default_classifier(ref: Reference, device):
     """The CNN for the reference's dataset, or the reason there is none."""
-    if ref.path is not None:
-        return ("no classifier space for a statistics-file reference (no dataset to train a classifier on); "
+    if ref.kind != "dataset":
+        return (f"no classifier space for a {ref.kind} reference (no dataset to train a classifier on); "
                 "pass a ClassifierFeatures to measure class consistency")
     kind = DATASETS.get(ref.dataset)
     if kind not in ("fashion_mnist", "photos", "cifar10"):
@@ -223,7 +158,7 @@ def _default_classifier(ref: _Reference, device):
     return ClassifierFeatures(device=device, dataset=ref.dataset, root=ref.root)
 
 
-def _resolve_extractors(extractors, ref: _Reference, device, batch_size) -> dict:
+def _resolve_extractors(extractors, ref: Reference, device, batch_size) -> dict:
     """{space name: extractor, or the reason it is unavailable}."""
     items = list(extractors.items()) if isinstance(extractors, Mapping) else [(None, e) for e in extractors]
     out = {}
@@ -308,7 +243,7 @@ def _space_metrics(s, ext, fake, lg, labels, ref, base, metrics, o) -> dict:
     if {"fid", "kid", "pr"} & set(metrics):
         try:
             mu_r, sig_r, real = ref.stats(s, ext, fake.shape[1])
-        except _Unavailable as e:
+        except Unavailable as e:
             fail(str(e))
     if mu_r is not None:
         if "fid" in metrics:
@@ -356,22 +291,24 @@ def evaluate_generation(images, reference, extractors=("inception", "classifier"
 
     - ``images``: (N, C, H, W) in [-1, 1] (or uint8), or a callable returning an iterable of batches
       (tensors, or (tensor, labels) pairs whose labels are used when ``labels`` is None); read once.
-    - ``reference``: ``(dataset, split, resolution, count[, root])`` or a dict with those keys (real
-      features cached per extractor by ``reference_stats``), or an ``.npz``/``.pt`` of Inception
-      ``mu``/``sigma`` (ADM style; with ``features`` in the npz, KID and P/R are available too).
+    - ``reference``: a ``Reference`` or anything ``Reference.parse`` takes: ``"DATASET:SPLIT[:N]"``,
+      ``"released:adm_in256_stats"``, an ``.npz`` (ADM ``mu``/``sigma``, with ``features`` KID and P/R
+      too; or an ADM batch ``arr_0``), a folder of images, or ``(dataset, split, resolution, count[,
+      root])`` / a dict with those keys (the first ``count`` images). Real features cached per extractor.
     - ``extractors``: names ("inception", "classifier") and/or extractor objects (``features()``,
       ``description``, ``cache_key``), or a dict ``{space: extractor}``.
     - ``metrics``: any of "fid", "kid", "is", "pr", "class_consistency".
     - Keys: ``fid kid is precision recall`` (Inception), ``fd_clf kid_clf precision_clf recall_clf
       class_consistency`` (classifier); see ``metric_key``. KID is the mean, ``protocol["std"]`` its
       std over subsets (fake features first: ``kid_from_features(fake, real, ...)``).
-    - Every result's protocol: ``n``, ``ref``, ``features``, ``resolution`` and the caller's ``protocol``.
+    - Every result's protocol: ``n``, ``ref``, ``features``, ``resolution``, the caller's ``protocol``,
+      and ``reference`` (the reference's ``record()``) on every result measured against it.
       An unavailable metric has value None and ``protocol["unavailable"]`` says why.
     """
     unknown = set(metrics) - set(ALL_METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {ALL_METRICS}")
-    ref = _Reference(reference, cache_dir)
+    ref = Reference.parse(reference, cache_dir=cache_dir)
     spaces = _resolve_extractors(extractors, ref, device, batch_size)
     live = {s: e for s, e in spaces.items() if not isinstance(e, str)}
     feats = {s: [] for s in live}
@@ -412,6 +349,10 @@ def evaluate_generation(images, reference, extractors=("inception", "classifier"
             fake = np.concatenate(feats[s])
             lg = np.concatenate(logits[s]) if logits[s] else None
             results.update(_space_metrics(s, ext, fake, lg, labels, ref, base, metrics, opts))
+    record = ref.record()  # after the statistics: a whole split's count is known by now
+    for r in results.values():
+        if r.protocol.get("ref") == ref.label:
+            r.protocol["reference"] = record
     return results
 
 
@@ -498,7 +439,8 @@ def reference_score(reference, extractor="inception", metric: str = "fid", devic
     Single process (the samples are not gathered across ranks)."""
     if metric not in ("fid", "kid"):
         raise ValueError(f"metric must be 'fid' or 'kid', got {metric!r}")
-    spaces = _resolve_extractors([extractor], _Reference(reference, cache_dir), device, batch_size)
+    reference = Reference.parse(reference, cache_dir=cache_dir)
+    spaces = _resolve_extractors([extractor], reference, device, batch_size)
     (space, ext), = spaces.items()
     if isinstance(ext, str):
         raise ValueError(f"guidance sweep in the {space} space is impossible: {ext}")
@@ -512,25 +454,49 @@ def reference_score(reference, extractor="inception", metric: str = "fid", devic
     return score
 
 
+def run_reference(run_dir, reference=None, n: int = 1000, cache_dir=None, root=None, prefer: str = "stats",
+                  meta: Optional[dict] = None) -> Reference:
+    """The ``Reference`` a generator run is evaluated against: ``reference`` (any form ``Reference.parse``
+    takes; a ``DATASET:SPLIT[:N]`` spec gets the run tokenizer's image size and data folder unless ``root``
+    is given), or by default ``n`` images spread evenly over the TRAIN split of the tokenizer's dataset."""
+    if reference is not None and not is_dataset_spec(reference):
+        return Reference.parse(reference, cache_dir=cache_dir, root=root, prefer=prefer)
+    meta = meta if meta is not None else generator_meta(run_dir)
+    tcfg = run_train_config(meta["tokenizer"])
+    size, root = int(tcfg.model.image_size), root if root is not None else tcfg.data.data_root
+    if reference is None:
+        reference = f"{tcfg.data.dataset}:train:{int(n)}"
+    return Reference.parse(reference, resolution=size, cache_dir=cache_dir, root=root, prefer=prefer)
+
+
+def _print_results(res: dict) -> None:
+    for r in res.values():
+        why = r.protocol.get("unavailable")
+        print(f"{r.name} unavailable: {why}" if r.value is None and why else r.format())
+
+
 def evaluate_generator_run(run_dir, n: int = 1000, guidance_scale: float = 1.0,
                            guidance_scales: Optional[Sequence[float]] = None, n_search: Optional[int] = None,
                            reference=None, extractors=("inception", "classifier"), sweep_extractor="inception",
                            sweep_metric: str = "fid", steps: Optional[int] = None, temperature: float = 1.0,
                            seed: int = 0, batch_size: int = 100, device: str = "auto", png_dir=None,
-                           verbose: bool = True, **eval_kw) -> dict:
+                           verbose: bool = True, reference_root=None, **eval_kw) -> dict:
     """Evaluate a finished generator run (EMA weights via ``load_generator_run``) on ``n`` samples.
 
     With ``guidance_scales`` the scale is chosen first by ``guidance_sweep`` on ``n_search`` samples
-    (default ``min(n, 1000)``). ``reference`` defaults to ``(dataset, "train", image_size, n, data_root)``
-    of the run's tokenizer. Writes ``run_dir/eval/gen_n{N}_cfg{C}.json`` and returns what it wrote.
+    (default ``min(n, 1000)``). ``reference``: see ``run_reference`` (default: ``n`` images spread
+    evenly over the tokenizer dataset's train split; ``reference_root`` its data folder). Writes
+    ``run_dir/eval/gen_n{N}_cfg{C}.json`` (with ``reference``: the reference's ``record()``) and returns
+    what it wrote. Unavailable metrics (e.g. the Inception Score without torch-fidelity's weights) are
+    printed as ``NAME unavailable: reason``.
     """
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     gen, tok, meta = load_generator_run(run_dir, dev)
-    if reference is None:
-        tcfg = run_train_config(meta["tokenizer"])
-        reference = (tcfg.data.dataset, "train", int(tcfg.model.image_size), int(n), tcfg.data.data_root)
+    reference = run_reference(run_dir, reference, n, eval_kw.get("cache_dir"), reference_root, meta=meta)
+    if verbose:
+        print(f"reference: {reference.label}")
     proto = {"ema": meta.get("ema", True), "tokenizer": Path(str(meta.get("tokenizer"))).name,
              "generator": meta.get("name"), "run": run_dir.name}
     sweep = None
@@ -546,13 +512,12 @@ def evaluate_generator_run(run_dir, n: int = 1000, guidance_scale: float = 1.0,
     res = evaluate_generator(gen, tok, n, float(guidance_scale), reference, extractors, steps=steps,
                              temperature=temperature, seed=seed, batch_size=batch_size, protocol=proto,
                              png_dir=png_dir, **eval_kw)
-    out = {"run": str(run_dir), "n": n, "cfg": float(guidance_scale), "sweep": sweep,
-           "metrics": {key: r.to_dict() for key, r in res.items()}}
+    out = {"run": str(run_dir), "n": n, "cfg": float(guidance_scale), "reference": reference.record(),
+           "sweep": sweep, "metrics": {key: r.to_dict() for key, r in res.items()}}
     path = run_dir / "eval" / f"gen_n{n}_cfg{float(guidance_scale):g}.json"
     atomic_write_bytes(json.dumps(out, indent=2, default=str).encode(), path)
     if verbose:
-        for r in res.values():
-            print(r.format())
+        _print_results(res)
         print(f"written to {path}")
     out["path"] = str(path)
     return out
