@@ -355,15 +355,25 @@ def _reference(R: _Run) -> Dict[str, tuple]:
     R.ref_record = {"kind": "evaluation split", "label": f"the first {R.P.n_eval} images of the evaluation split"}
     spec = R.reference_spec
     if spec and "inception" in R.exts:
-        try:
+        def load():
             ref = Reference.parse(spec, resolution=R.resolution, count=R.P.n_eval)
-            split["inception"] = ref.stats("inception", R.exts["inception"], 2048)
+            return ref, ref.stats("inception", R.exts["inception"], 2048)
+
+        got, err = None, None
+        if R.main:  # rank 0 computes (and caches) the reference's features; the others then read them
+            try:
+                got = load()
+            except (FileNotFoundError, OSError, ValueError, KeyError) as e:
+                err = f"{type(e).__name__}: {e}"
+        err = broadcast_object(err)
+        if err is None:
+            ref, split["inception"] = got if R.main else load()
             R.ref_record = {**ref.record(), "label": ref.label}
-        except (FileNotFoundError, OSError, ValueError, KeyError) as e:
-            if R.reference_required:
-                raise
+        elif R.reference_required:
+            raise ValueError(f"reference {spec}: {err}")
+        else:
             R.ref_record["fallback_from"] = spec
-            R.say(f"\n*** WARNING: the reference {spec} is not available ({str(e).splitlines()[0]}).\n"
+            R.say(f"\n*** WARNING: the reference {spec} is not available ({err.splitlines()[0]}).\n"
                   f"*** gFID FALLS BACK to {R.ref_record['label']}: NOT comparable with the paper's numbers.\n"
                   f"*** Fetch it with `ldetok weights download {spec}` (or pass --reference).\n", flush=True)
     R.gen_ref = split
@@ -533,6 +543,8 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     if dry_run:
         print(protocol_table(P, preset, variants, budgets, ft_steps, tok_over, gen_over))
         return []
+    if reference is not None:  # asked for on the command line: it must exist, checked before any training
+        Reference.parse(reference, count=P.n_eval)
     out = Path(out)
     owns_group = not is_distributed()
     D = init_distributed(device)

@@ -153,3 +153,25 @@ def test_tokenizer_statistics_see_no_flips(tmp_path):
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     z = _posterior_means(tok, x)
     torch.testing.assert_close(tok.latent_mean.double().flatten(), z.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_reproduce_records_its_reference_and_falls_back_loudly(tmp_path, monkeypatch, capsys):
+    """A preset's reference that is missing (here: offline, and at 256 px for 32 px samples) falls back to
+    the evaluation split with a warning; every result row names the reference it used. A reference asked
+    for on the command line must exist: refused before any training."""
+    from ldetok.config import REPRODUCE_PRESETS
+
+    monkeypatch.setitem(REPRODUCE_PRESETS, "tiny", dict(REPRODUCE_PRESETS["tiny"], reference="released:adm_in256_stats"))
+    monkeypatch.setenv("LDETOK_OFFLINE", "1")
+    out = tmp_path / "r"
+    args = ["reproduce", "--preset", "tiny", "--variants", "ae", "--budgets", "2:2", "--out", str(out),
+            "--figures", str(tmp_path / "figs")]
+    assert cli(args) == 0
+    text = capsys.readouterr().out
+    assert "gFID FALLS BACK" in text and "released:adm_in256_stats" in text
+    ev = json.loads((out / "eval" / "gen_sit_ae_s0_t2_g2.json").read_text())
+    assert ev["reference"].startswith("the first 16 images of the evaluation split")
+    assert "reference" in (out / "results.csv").read_text().splitlines()[0]
+    assert cli(args + ["--reference", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "r2")]) == 2
+    assert not (tmp_path / "r2" / "tokenizers").exists()
