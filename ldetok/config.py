@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -26,10 +27,12 @@ from .losses import PERCEPTUAL_NAMES
 
 __all__ = ["TokenizerModelConfig", "DataConfig", "TokenizerLossConfig", "OptimConfig", "RunConfig",
            "TokenizerTrainConfig", "GeneratorTrainConfig", "TOKENIZER_PRESETS", "GENERATOR_PRESETS", "VARIANTS",
+           "variant_settings",
            "resolve_tokenizer_config", "resolve_generator_config", "parse_overrides", "apply_overrides",
            "config_diff", "config_from_dict", "flatten", "to_json", "SCHEDULES", "PRECISIONS", "ReproduceConfig",
            "REPRODUCE_PRESETS", "resolve_reproduce_config", "SamplingProtocol", "OFFICIAL_SAMPLING",
-           "SAMPLING_KEYS", "parse_family_settings", "DECODER_FT_PRESETS", "PRESET_MODEL_ARGS", "generator_arg_names", "model_args_errors"]
+           "SAMPLING_KEYS", "parse_family_settings", "DECODER_FT_PRESETS", "PRESET_MODEL_ARGS", "generator_arg_names",
+           "model_args_errors"]
 
 SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -347,6 +350,23 @@ def resolve_generator_config(preset: Optional[str] = None, overrides: Optional[D
 
 # The paper's corruption ablation: name -> (gamma, max mask ratio)
 VARIANTS = {"ae": (0.0, 0.0), "mask": (0.0, 0.7), "noise": (3.0, 0.0), "detok": (3.0, 0.7)}
+_VARIANT_GRID = re.compile(r"^g(?P<g>\d+(?:\.\d+)?)_m(?P<m>\d+(?:\.\d+)?)(?P<add>_add)?$")
+
+
+def variant_settings(v: str) -> Dict[str, Any]:
+    """The tokenizer overrides of a reproduce variant: a named one (``VARIANTS``), or ``gG_mM`` (γ = G,
+    maximum mask ratio M; ``_add`` appended: additive instead of interpolative noise), e.g. ``g0.5_m0.7``."""
+    if v in VARIANTS:
+        g, m = VARIANTS[v]
+        return {"gamma": g, "max_mask_ratio": m}
+    hit = _VARIANT_GRID.match(str(v))
+    if hit is None:
+        raise ValueError(f"unknown variant {v!r}: one of {', '.join(VARIANTS)}, or gG_mM[_add] (e.g. g0.5_m0.7, "
+                         "g3_m0_add)")
+    out = {"gamma": float(hit["g"]), "max_mask_ratio": float(hit["m"])}
+    if hit["add"]:
+        out["noise_type"] = "additive"
+    return out
 
 _IMAGENET = dict(dataset="imagenet", image_size=256, patch_size=16, latent_channels=16, in_channels=3,
                  num_workers=10, batch_size=1024, base_lr=1e-4, warmup_frac=0.25, schedule="cosine",
@@ -479,10 +499,10 @@ class ReproduceConfig:
         errs: List[str] = []
         bases = [self.tokenizer_preset] + ([self.decoder_ft_preset] if self.decoder_ft_preset else [])
         for v in self.variants:
-            if v not in VARIANTS:
-                errs.append(f"unknown variant {v!r}; available: {', '.join(VARIANTS)}")
-            elif v != "detok":
-                bases.append(f"{self.tokenizer_preset}-{v}")
+            try:
+                variant_settings(v)
+            except ValueError as e:
+                errs.append(str(e))
         errs += [f"unknown tokenizer preset {p!r}" for p in bases if p not in TOKENIZER_PRESETS]
         if self.generator_preset not in GENERATOR_PRESETS:
             errs.append(f"unknown generator preset {self.generator_preset!r}")
@@ -611,6 +631,14 @@ REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
         tokenizer_preset="detok_SB-imagenet256-ablation", generator_preset="paper-100ep",
         generators=("mar_base", "sit_base"), budgets=((0, 0),), n_eval=50000, features=("inception",),
         families=OFFICIAL_SAMPLING, reference="released:adm_in256_stats"),
+    # Where does latent denoising pay off at small scale: a γ x M map (γ in {0, 0.5, 1, 2, 3}, M in {0, 0.7}),
+    # each tokenizer also decoder-tuned (500 steps, its generator reused), at the cpu-quick budget and twice
+    # it, seeds 0 and 1 (one process per seed: --seeds 0, --seeds 1); classifier-space FD (cheap), Inception
+    # on the headline rows only (rerun those with --variants ... and features=inception)
+    "cpu-map": dict(variants=("ae", "g0.5_m0", "g1_m0", "g2_m0", "noise", "mask", "g0.5_m0.7", "g1_m0.7",
+                              "g2_m0.7", "detok"), generators=("sit",), seeds=(0, 1),
+                    budgets=((1000, 1500), (2000, 3000)), decoder_ft_steps=500, n_eval=1000,
+                    features=("classifier",)),
     # for tests: seconds
     "tiny": dict(variants=("ae", "detok"), generators=("sit",), budgets=((2, 2), (3, 3)), n_eval=16, n_inception=12,
                  features=("inception",), sample_steps=4,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .config import (GeneratorTrainConfig, ReproduceConfig, TokenizerTrainConfig, resolve_generator_config,
-                     resolve_reproduce_config, resolve_tokenizer_config)
+                     resolve_reproduce_config, resolve_tokenizer_config, variant_settings)
 from .data import build_dataset, from_uint8, to_uint8
 from .engine.distributed import barrier, broadcast_object, cleanup, gather_objects, init_distributed, is_distributed
 from .engine.generator_trainer import train_generator
@@ -193,7 +193,7 @@ def tokenizer_config(P: ReproduceConfig, v: str, seed: int, tok_steps: int, tok_
                                                              max_steps=ft_steps))
     if tok_steps:
         over["max_steps"] = tok_steps
-    return resolve_tokenizer_config(P.tokenizer_preset if v == "detok" else f"{P.tokenizer_preset}-{v}", over)
+    return resolve_tokenizer_config(P.tokenizer_preset, {**variant_settings(v), **over})
 
 
 def generator_config(P: ReproduceConfig, name: str, tokenizer: str, seed: int, gen_steps: int,
@@ -268,7 +268,7 @@ def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> List[Tuple[P
     tag = f"{v}_s{seed}_t{tok_steps}"
     tok_dir = R.out / "tokenizers" / tag
     cfg = tokenizer_config(P, v, seed, tok_steps, R.tok_over)
-    R.stage(f"tokenizer {PAPER_VARIANTS[v]} seed {seed} ({tok_steps or 'preset'} steps)",
+    R.stage(f"tokenizer {variant_label(v, PAPER_VARIANTS)} seed {seed} ({tok_steps or 'preset'} steps)",
             tok_dir / "tokenizer" / "tokenizer.json", tok_steps, lambda: train_tokenizer(cfg, tok_dir))
     if not R.ft_steps:
         return [(tok_dir, tag, 0)]
@@ -533,9 +533,8 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
                            families, reference)
     seeds = list(seeds if seeds is not None else P.seeds)
     variants = list(variants or P.variants)
-    unknown = [v for v in variants if v not in PAPER_VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(PAPER_VARIANTS)}")
+    for v in variants:
+        variant_settings(v)  # a clear error naming an unknown variant
     budgets = [tuple(b) for b in (budgets or P.budgets)]
     ft_steps = P.decoder_ft_steps if decoder_ft_steps is None else int(decoder_ft_steps)
     tok_over = {**P.tok_overrides, **(tok_overrides or {})}
@@ -579,7 +578,8 @@ def _reference_status(P: ReproduceConfig) -> str:
     if not P.reference:
         return f"the first {P.n_eval} images of the evaluation split"
     try:
-        found = W.locate(P.reference)[0] if W.is_spec(P.reference) else (Path(P.reference) if Path(P.reference).exists() else None)
+        found = (W.locate(P.reference)[0] if W.is_spec(P.reference)
+                 else (Path(P.reference) if Path(P.reference).exists() else None))
     except KeyError:
         found = None
     if W.is_spec(P.reference) or P.reference.endswith(".npz"):
@@ -624,14 +624,24 @@ def _variant_key(r: dict) -> str:
     return f"{r['variant']}+ft{ft}" if ft else r["variant"]
 
 
+def variant_label(v: str, names: Dict[str, str] = LABELS) -> str:
+    """A variant's name for tables and figures: the paper's for the named four, else its settings."""
+    if v in names:
+        return names[v]
+    st = variant_settings(v)
+    return f"γ={st['gamma']:g}, M={st['max_mask_ratio']:g}" + (" (additive)" if st.get("noise_type") else "")
+
+
 def _label(key: str, names: Dict[str, str]) -> str:
     v, _, ft = key.partition("+ft")
-    return names.get(v, v) + (f", decoder fine-tuned {ft} steps" if ft else "")
+    return variant_label(v, names) + (f", decoder fine-tuned {ft} steps" if ft else "")
 
 
 def _variant_order(key: str) -> tuple:
     v, _, ft = key.partition("+ft")
-    return (list(PAPER_VARIANTS).index(v) if v in PAPER_VARIANTS else len(PAPER_VARIANTS), int(ft or 0))
+    st = variant_settings(v)
+    return (list(PAPER_VARIANTS).index(v) if v in PAPER_VARIANTS else len(PAPER_VARIANTS), st["gamma"],
+            st["max_mask_ratio"], st.get("noise_type", ""), int(ft or 0))
 
 
 def _fmt_table(rows, headers) -> str:
@@ -645,7 +655,8 @@ def headline_table(rows: List[dict]) -> str:
     seeds, mean ± standard deviation over them."""
     cols = [("PSNR", "psnr", ".2f"), ("PSNR t=0.5", "psnr_t0.5", ".2f"),
             ("rFID", "fd_recon_real[inception]", ".1f"), ("gFID", "fd_gen_real[inception]", ".1f"),
-            ("KID", "kid_gen_real[inception]", ".4f"), ("IS", "is[inception]", ".1f"), ("FD(samples, recon)", "fd_gen_recon[inception]", ".1f"),
+            ("KID", "kid_gen_real[inception]", ".4f"), ("IS", "is[inception]", ".1f"),
+            ("FD(samples, recon)", "fd_gen_recon[inception]", ".1f"),
             ("FD-clf(samples, real)", "fd_gen_real[classifier]", ".1f"),
             ("FD-clf(samples, recon)", "fd_gen_recon[classifier]", ".1f"), ("gen loss", "generator_loss", ".3f")]
     cols = [c for c in cols if any(r.get(c[1]) not in (None, "") for r in rows)]

@@ -48,6 +48,19 @@ def _browser():
     return chromium, driver
 
 
+def start_chromium(tmp_path, chromium: str, driver_path: str):
+    """Headless Chromium under selenium with a profile of its own in ``tmp_path``."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = chromium
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        opts.add_argument(flag)
+    return webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,9 +94,6 @@ def _fetch(url: str) -> np.ndarray:
 
 def test_slider_moves_change_the_output_and_screenshot(tmp_path, monkeypatch):
     chromium, driver_path = _browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -93,13 +103,9 @@ def test_slider_moves_change_the_output_and_screenshot(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     app = build_app(_tokenizer_sets(tmp_path))
     serve(app, "127.0.0.1", _free_port(), prevent_thread_lock=True, quiet=True)
-    opts = Options()
-    opts.binary_location = chromium
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
-        opts.add_argument(flag)
     driver = None
     try:
-        driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
+        driver = start_chromium(tmp_path, chromium, driver_path)
         driver.get(app.local_url)
         wait = WebDriverWait(driver, 60, poll_frequency=0.1)
 

@@ -31,7 +31,7 @@ import pytest
 from PIL import Image
 
 from conftest import require_module
-from test_demo_browser import CHROMIUM_FLAGS, _browser, _free_port
+from test_demo_browser import _browser, _free_port, start_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "figures" / "lab.png"
@@ -156,9 +156,6 @@ def test_notebooks_in_jupyterlab_show_figures_and_sliders_redraw(tmp_path):
     chromium, driver_path = _browser()
     for name in ("jupyterlab", "ipywidgets", "ipykernel"):
         require_module(name, NOTEBOOKS_EXTRA)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -172,13 +169,9 @@ def test_notebooks_in_jupyterlab_show_figures_and_sliders_redraw(tmp_path):
                     dict(RUN_DIR=str(tmp_path / "run04")))
     port, token = _free_port(), secrets.token_hex(16)
     lab = _start_lab(tmp_path, port, token)
-    opts = Options()
-    opts.binary_location = chromium
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
-        opts.add_argument(flag)
     driver = None
     try:
-        driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
+        driver = start_chromium(tmp_path, chromium, driver_path)
         wait = WebDriverWait(driver, 120, poll_frequency=0.25)
 
         # ---- notebook 01: every plotting cell shows an image; a slider move changes the panel's ----------
