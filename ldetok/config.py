@@ -639,6 +639,13 @@ REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
                               "g2_m0.7", "detok"), generators=("sit",), seeds=(0, 1),
                     budgets=((1000, 1500), (2000, 3000)), decoder_ft_steps=500, n_eval=1000,
                     features=("classifier",)),
+    # Is the baseline's gap a generator-capacity effect? Both tokenizers at the cpu-quick budget with a SiT of
+    # twice the width, and with twice the generator steps (each in its own --out: generator folders are
+    # named by variant, seed and steps, not by the model's size)
+    "cpu-capacity-width": dict(variants=("ae", "detok"), generators=("sit",), seeds=(0, 1), budgets=((1000, 1500),),
+                               n_eval=1000, n_inception=500, families={"sit": {"model_args": '{"hidden_size": 256}'}}),
+    "cpu-capacity-steps": dict(variants=("ae", "detok"), generators=("sit",), seeds=(0, 1), budgets=((1000, 3000),),
+                               n_eval=1000, n_inception=500),
     # for tests: seconds
     "tiny": dict(variants=("ae", "detok"), generators=("sit",), budgets=((2, 2), (3, 3)), n_eval=16, n_inception=12,
                  features=("inception",), sample_steps=4,
