@@ -77,7 +77,7 @@ def cmd_presets(args) -> int:
     print("generator presets (ldetok train-generator --preset NAME --tokenizer RUN model=...):")
     for name, p in sorted(GENERATOR_PRESETS.items()):
         length = f"{p['epochs']} epochs" if p.get("epochs") else f"{p.get('max_steps')} steps"
-        print(f"  {name:40s} {p.get('model', '(model=...)'):12s} batch {p['batch_size']:5d} lr {p['lr']:.0e} "
+        print(f"  {name:40s} {p.get('model') or '(model=...)':12s} batch {p['batch_size']:5d} lr {p['lr']:.0e} "
               f"({p['schedule']}) {length}")
     from .config import REPRODUCE_PRESETS, resolve_reproduce_config
 

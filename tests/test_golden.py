@@ -25,9 +25,11 @@ def _losses(run_dir):
     return {str(k): v for k, v in step_losses(run_dir).items()}
 
 
-def _trajectories(tmp_path):
+def _trajectories(tmp_path, monkeypatch):
     from ldetok.cli import main
 
+    # one thread, as the golden file was recorded: the CLI sets its thread count from OMP_NUM_THREADS
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     tok, gen = tmp_path / "tok", tmp_path / "gen"
     assert main(["train-tokenizer", "--preset", "cpu-fmnist", "--out", str(tok), *TOK_ARGS]) == 0
@@ -37,8 +39,8 @@ def _trajectories(tmp_path):
 
 
 @pytest.mark.slow
-def test_loss_trajectories_match_golden(tmp_path):
-    got = _trajectories(tmp_path)
+def test_loss_trajectories_match_golden(tmp_path, monkeypatch):
+    got = _trajectories(tmp_path, monkeypatch)
     if os.environ.get("LDETOK_WRITE_GOLDEN") == "1":
         GOLDEN.write_text(json.dumps({"tokenizer_args": TOK_ARGS, "generator_args": GEN_ARGS, **got}, indent=1) + "\n")
     want = json.loads(GOLDEN.read_text())

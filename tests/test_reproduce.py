@@ -91,7 +91,7 @@ def test_psnr_under_noise_one_protocol(tok_run, tmp_path, monkeypatch):
 
     P = resolve_reproduce_config("tiny", dict(n_eval=n, noise_levels=(0.5,), features=("moments",)))
     monkeypatch.setattr(R, "_extractors", lambda names, device, warm=False: {k: _MomentFeatures() for k in names})
-    run = R._Run(P, tmp_path, init_distributed("cpu"), {}, {}, {}, 0, R._Progress([("recon", n)], verbose=False))
+    run = R._Run(P, tmp_path, init_distributed("cpu"), {}, {}, 0, R._Progress([("recon", n)], verbose=False))
     rec, _, _ = R._recon_stage(run, tok_run, "tiny", seed, {})
     assert json.loads((tmp_path / "eval" / "recon_tiny.json").read_text()) == rec
 

@@ -25,7 +25,7 @@ PKG = "ldetok"
 OPTIONAL = {
     "gradio", "lpips", "papermill", "wandb", "tensorboard", "torch.utils.tensorboard", "torch_fidelity", "scipy",
     "sklearn", "skimage", "matplotlib", "timm", "tqdm", "torchvision", "PIL", "safetensors", "huggingface_hub",
-    "IPython", "ipywidgets", "pandas",  # the notebooks extra
+    "IPython", "ipywidgets", "pandas", "jupyter_client",  # the notebooks extra
 }
 
 # Function-level imports of ldetok modules (and of torch) that remain, as {importing module: targets}.

@@ -229,9 +229,10 @@ class CheckpointManager:
             self._write_manifest(files)
 
     def _remove_stale_temps(self) -> None:
-        # Leftovers from a run killed mid-save (multi-GB each); only the writing rank calls this.
+        # Leftovers from a run killed mid-save (checkpoints: multi-GB each; the manifest); only the writing rank
+        # calls this.
         if self.dir.is_dir():
-            for p in self.dir.glob(".ckpt_*.pt.*.tmp"):
+            for p in [*self.dir.glob(".ckpt_*.pt.*.tmp"), *self.dir.glob(".manifest.json.*.tmp")]:
                 try:
                     p.unlink()
                 except OSError:
