@@ -427,12 +427,12 @@ def _evaluation_stage(R: _Run, gdir: Path, fam: str, seed: int, n: int, decoders
     decoded, _ = generate_images(gen, toks, len(mine), guidance_scale=guidance_scale, steps=sp.final_steps,
                                  temperature=sp.temperature, seed=seed + 1000 * D.rank, labels=labels)
     ref = _reference(R)
+    first = [j for j, i in enumerate(mine) if i < 80]  # this rank's share of the grid's first 80 images
     evs = []
     for (_, tag, ft), imgs, rfeats in zip(decoders, decoded, recon_feats):
         imgs = _quantize(imgs)
         feats = _gather(_local_features(R.exts, imgs, mine, R.n_space, logits=True))
         logits = feats.pop("inception_logits", None)
-        first = [j for j, i in enumerate(mine) if i < 80]
         grid = _gather({"grid": ([mine[j] for j in first], imgs[first].numpy() if first else None)})["grid"]
         ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": guidance_scale, "n": n,
               "sample_steps": sp.final_steps, "temperature": sp.temperature, "world_size": D.world_size,
