@@ -346,8 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data folder of a DATASET:SPLIT reference (default: the tokenizer run's data_root)")
     s.set_defaults(fn=cmd_eval_generator)
 
+    from .config import REPRODUCE_PRESETS
+
     s = sub.add_parser("reproduce", help="the corruption ablation end to end (tokenizers, generators, metrics)")
-    s.add_argument("--preset", required=True, help="cpu-quick, cpu-budget, cpu-full, gpu-photos, gpu-imagenet-ablation, tiny")
+    s.add_argument("--preset", required=True, help="a reproduce preset (`ldetok presets` lists them): "
+                   + ", ".join(REPRODUCE_PRESETS))
     s.add_argument("--out", required=True)
     s.add_argument("--seeds", default="", help="override the preset's seeds, e.g. 0,1,2")
     s.add_argument("--variants", default="", help="override the variants: ae,mask,noise,detok")

@@ -434,9 +434,14 @@ class ReproduceConfig:
     n_eval: int = 1000  # samples and real/reconstructed images per evaluation
     features: Sequence[str] = ("classifier", "inception")
     # Inception features on the first n_inception images of each (class-balanced) set; None: all n_eval.
-    # On a CPU the 299 px Inception runs at ~12 img/s on 2 cores, so the CPU presets use fewer images
-    # there (KID, unbiased, is the metric to read at such counts; FID at small n is biased upwards).
+    # On a CPU the 299 px Inception runs at ~9 img/s on 2 cores (channels-last; 32 px images upsampled),
+    # so the CPU presets use fewer images there (KID, unbiased, is the metric to read at such counts; FID
+    # at small n is biased upwards).
     n_inception: Optional[int] = None
+    # with decoder fine-tuning, the spaces in which the untuned decoder (its reconstructions and its
+    # renderings of the shared samples) is measured; None: all of ``features``. The tuned decoder is
+    # measured in all of them. E.g. ("classifier",): the slow Inception space on the tuned rows only.
+    untuned_features: Optional[Sequence[str]] = None
     noise_levels: Sequence[float] = (0.3, 0.5, 0.7)
     # robustness is measured under one noise for every variant (so the variants compare), not each run's
     # own corruption: the paper's γ and interpolative noise
@@ -514,6 +519,8 @@ class ReproduceConfig:
             errs.append("n_eval and n_search must be >= 1, decoder_ft_steps >= 0")
         if not all(0 <= t <= 1 for t in self.noise_levels):
             errs.append(f"noise_levels must be in [0, 1], got {list(self.noise_levels)}")
+        if self.untuned_features is not None and not set(self.untuned_features) <= set(self.features):
+            errs.append(f"untuned_features {list(self.untuned_features)} must be among features {list(self.features)}")
         if self.decoder_ft_steps and self.decoder_ft() not in TOKENIZER_PRESETS:
             errs.append(f"decoder fine-tuning needs a recipe for {self.tokenizer_preset!r}: set decoder_ft_preset")
         errs += self._family_errors()
@@ -610,9 +617,11 @@ OFFICIAL_SAMPLING: Dict[str, Dict[str, Any]] = {
 
 
 REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
-    # make run: baseline vs l-DeTok, one seed, SiT, ~20 min on 2 cores
+    # make run: baseline vs l-DeTok, one seed, SiT, both decoders fine-tuned for 500 steps (the released
+    # l-DeTok's practice; it helped both in the cpu-map study), each generator reused by its tuned decoder;
+    # Inception on the tuned decoders only (the untuned ones in the classifier's space), under 20 min on 2 cores
     "cpu-quick": dict(variants=("ae", "detok"), generators=("sit",), budgets=((1000, 1500),), n_eval=1000,
-                      n_inception=500),
+                      n_inception=250, decoder_ft_steps=500, untuned_features=("classifier",)),
     # baseline vs l-DeTok at four budgets, two seeds (about 75 min on 2 cores with one process per seed)
     "cpu-budget": dict(variants=("ae", "detok"), generators=("sit",), seeds=(0, 1),
                        budgets=((250, 375), (500, 750), (1000, 1500), (2000, 3000)), n_eval=1000, n_inception=250),

@@ -1,7 +1,8 @@
 """The main job behind ``make run``: ``ldetok reproduce --preset cpu-quick`` (a plain autoencoder,
-γ=0/M=0, against l-DeTok, γ=3/M=0.7, on Fashion-MNIST: both tokenizers, a SiT on each one's latents,
-reconstruction and generation metrics in Inception space and a Fashion-MNIST classifier's space), then
-the figures (reconstructions, corruption sweeps, samples) and the headline table.
+γ=0/M=0, against l-DeTok, γ=3/M=0.7, on Fashion-MNIST: both tokenizers, each decoder fine-tuned with the
+encoder frozen, a SiT on each one's latents whose samples both decoders render, reconstruction and
+generation metrics in a Fashion-MNIST classifier's space and, for the tuned decoders, in Inception
+space), then the figures (reconstructions, corruption sweeps, samples) and the headline table.
 
 Every stage resumes: running it again reuses finished runs. The two tokenizers are also linked as
 ``OUT/cpu-fmnist`` and ``OUT/cpu-fmnist-ae``, where the notebooks and the demo look for them.
@@ -18,7 +19,7 @@ import torch
 
 from .data import build_dataset
 from .config import resolve_reproduce_config
-from .reproduce import LABELS, headline_table, reproduce
+from .reproduce import LABELS, headline_table, reproduce, variant_label
 from .runs import load_tokenizer, run_corruption, run_train_config
 from .viz import plot_corruption_sweeps, save_grid
 
@@ -50,38 +51,64 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
     runs = {v: out / "tokenizers" / f"{v}_s{seed}_t{tok_steps}" for v in ("detok", "ae") if v in P.variants}
     for v, run in runs.items():
         _link(run, out / LINKS[v])
+    # what the table compares: the fine-tuned decoders when there are (the sweeps show the trained ones:
+    # the corruption they were trained under is the point there)
+    ft = f"_ft{P.decoder_ft_steps}" if P.decoder_ft_steps else ""
+    label = (lambda v: f"{LABELS[v]}, decoder fine-tuned") if ft else LABELS.get
+    shown = {label(v): load_tokenizer(run.with_name(run.name + ft)).eval() for v, run in runs.items()}
     toks = {LABELS[v]: load_tokenizer(run).eval() for v, run in runs.items()}
     tcfg = run_train_config(next(iter(runs.values())))
     test = build_dataset(tcfg.data.dataset, split=tcfg.data.eval_split, image_size=tcfg.model.image_size,
                          channels=tcfg.model.in_channels, root=tcfg.data.data_root)
     x, _ = test.tensor_batch([i * min(1000, len(test)) // 10 for i in range(10)])  # test images 0, 100, ..., 900
     with torch.no_grad():
-        grid = torch.cat([x] + [t.reconstruct(x) for t in toks.values()])
+        grid = torch.cat([x] + [t.reconstruct(x) for t in shown.values()])
     save_grid(grid, figures / "fmnist_reconstructions.png", nrow=len(x))
-    shown = run_corruption(runs["detok"]) if "detok" in runs else run_corruption(next(iter(runs.values())))
-    plot_corruption_sweeps(toks, x[:2], figures / "fmnist_corruption_sweep.png", gamma=shown.gamma,
-                           noise_type=shown.noise_type,
-                           title=f"Fashion-MNIST: latents corrupted ({shown.noise_type}, γ={shown.gamma:g}) or "
+    corr = run_corruption(runs["detok"]) if "detok" in runs else run_corruption(next(iter(runs.values())))
+    plot_corruption_sweeps(toks, x[:2], figures / "fmnist_corruption_sweep.png", gamma=corr.gamma,
+                           noise_type=corr.noise_type,
+                           title=f"Fashion-MNIST: latents corrupted ({corr.noise_type}, γ={corr.gamma:g}) or "
                                  "masked, then decoded")
-    _samples_figure({LABELS[v]: out / "samples" / f"{P.generators[0]}_{v}_s{seed}_t{tok_steps}_g{gen_steps}.png"
+    _samples_figure({label(v): out / "samples" / f"{P.generators[0]}_{v}_s{seed}_t{tok_steps}_g{gen_steps}{ft}.png"
                      for v in runs}, figures / "fmnist_samples.png",
                     f"{P.generators[0]} samples (cfg {P.guidance_scale}, EMA; one class per column)")
 
     table = headline_table(rows)
-    r0 = rows[0]
-    note = (f"PSNR: clean reconstructions of the first {r0.get('n_recon', r0['n'])} test images; PSNR t=0.5: raw "
-            "latents corrupted by 0.5·z + 1.5·ε before decoding; rFID/gFID/KID/FD(samples, recon): FID-Inception "
-            f"features of the first {r0.get('n[inception]', '?')} images of each set (KID as raw MMD²); ")
-    if "n[classifier]" in r0:
-        note += (f"FD-clf: the same distances in a Fashion-MNIST classifier's 128-d feature space on "
-                 f"{r0['n[classifier]']} images; ")
-    note += f"gen loss: the generator's smoothed final training loss. Full table: {out / 'results.md'}"
-    (out / "summary.md").write_text(f"{table}\n\n{note}\n")
+    compared, note = _compared(P), _table_note(rows, out)
+    (out / "summary.md").write_text(f"{table}\n\n{compared}\n\n{note}\n")
     print(f"\n[{(time.time() - t0) / 60:.1f} min] main job done. Figures: {figures / 'fmnist_reconstructions.png'}, "
           f"{figures / 'fmnist_corruption_sweep.png'}, {figures / 'fmnist_samples.png'}\n")
+    print(compared + "\n")
     print(table)
     print("\n" + note)
     return rows
+
+
+def _compared(P) -> str:
+    """What the table compares, in words."""
+    text = (f"Compared: {' against '.join(variant_label(v) for v in P.variants)}: the same tokenizer size and "
+            f"steps, one {'/'.join(P.generators)} per tokenizer, seed{'s' if len(P.seeds) > 1 else ''} "
+            f"{','.join(map(str, P.seeds))}.")
+    if P.decoder_ft_steps:
+        text += (f" Each decoder is also fine-tuned for {P.decoder_ft_steps} steps on clean latents (encoder "
+                 "frozen, as the released l-DeTok tokenizer is): the rows 'decoder fine-tuned' render the same "
+                 "sampled latents with the tuned decoder; they are the fair comparison.")
+        if P.untuned_features is not None:
+            text += f" The untuned rows are measured in the {', '.join(P.untuned_features)} space only (–: not measured)."
+    return text
+
+
+def _table_note(rows: List[dict], out: Path) -> str:
+    def first(key, default="?"):
+        return next((r[key] for r in rows if r.get(key) is not None), default)
+
+    note = (f"PSNR: clean reconstructions of the first {first('n_recon', first('n'))} test images; PSNR t=0.5: raw "
+            "latents corrupted by 0.5·z + 1.5·ε before decoding; rFID/gFID/KID/FD(samples, recon): FID-Inception "
+            f"features of the first {first('n[inception]')} images of each set (KID as raw MMD²); ")
+    if any("n[classifier]" in r for r in rows):
+        note += (f"FD-clf: the same distances in a Fashion-MNIST classifier's 128-d feature space on "
+                 f"{first('n[classifier]')} images; ")
+    return note + f"gen loss: the generator's smoothed final training loss. Full table: {out / 'results.md'}"
 
 
 def _samples_figure(grids: Dict[str, Path], path: Path, title: str) -> None:

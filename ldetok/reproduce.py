@@ -236,6 +236,14 @@ class _Run:
     def n_space(self, k: str) -> Optional[int]:
         return self.P.n_inception if k == "inception" else None
 
+    def spaces(self, ft: int) -> Dict[str, object]:
+        """The extractors that measure a decoder: all of them, except for an untuned decoder (``ft`` 0)
+        beside a tuned one when the preset names ``untuned_features``."""
+        keep = self.P.untuned_features
+        if ft or not self.ft_steps or keep is None:
+            return dict(self.exts)
+        return {k: e for k, e in self.exts.items() if k in keep}
+
     def save(self, path: Path, obj) -> None:
 
         if self.main:
@@ -288,10 +296,10 @@ def shares_latents(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _recon_stage(R: _Run, tok_dir: Path, tag: str, seed: int, gen_evals: Dict[str, Path]):
-    """The reconstruction ceiling and robustness of one tokenizer: ``(rec, recon_feats, n)``, the
-    metrics (from disk when done), the reconstructions' features per space (only when a generator
-    evaluation still needs them) and the number of evaluation images."""
+def _recon_stage(R: _Run, tok_dir: Path, tag: str, ft: int, seed: int, gen_evals: Dict[str, Path]):
+    """The reconstruction ceiling and robustness of one tokenizer (decoder-tuned for ``ft`` steps):
+    ``(rec, recon_feats, n)``, the metrics (from disk when done), the reconstructions' features per
+    space (only when a generator evaluation still needs them) and the number of evaluation images."""
 
     P, D = R.P, R.D
     t = R.prog.stage(f"reconstruction metrics {tag}")
@@ -318,7 +326,8 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, seed: int, gen_evals: Dict[st
         R.real_feats = _gather(_local_features(R.exts, x_real, mine, R.n_space))
     with torch.no_grad():
         x_rec = _quantize(torch.cat([tok.reconstruct(b.to(R.dev)).cpu() for b in x_real.split(200)]))
-    recon_feats = _gather(_local_features(R.exts, x_rec, mine, R.n_space))
+    spaces = R.spaces(ft)
+    recon_feats = _gather(_local_features(spaces, x_rec, mine, R.n_space))
     if rec is not None:
         R.prog.end(t, skipped=True)
         return rec, recon_feats, n
@@ -328,7 +337,7 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, seed: int, gen_evals: Dict[st
            **{f"psnr_t{lvl:g}": noised[float(lvl)]["psnr"] for lvl in P.noise_levels}}
     per = _gather({k: (mine, vals.numpy()) for k, vals in per.items()})
     rec = {"n_recon": n, **{k: float(vals.mean()) for k, vals in per.items()}}
-    for k in R.exts:
+    for k in spaces:
         rec[f"fd_recon_real[{k}]"] = fd_from_features(recon_feats[k], R.real_feats[k])
     R.save(rec_path, rec)
     R.prog.end(t)
@@ -431,7 +440,7 @@ def _evaluation_stage(R: _Run, gdir: Path, fam: str, seed: int, n: int, decoders
     evs = []
     for (_, tag, ft), imgs, rfeats in zip(decoders, decoded, recon_feats):
         imgs = _quantize(imgs)
-        feats = _gather(_local_features(R.exts, imgs, mine, R.n_space, logits=True))
+        feats = _gather(_local_features(R.spaces(ft), imgs, mine, R.n_space, logits=True))
         logits = feats.pop("inception_logits", None)
         grid = _gather({"grid": ([mine[j] for j in first], imgs[first].numpy() if first else None)})["grid"]
         ev = {"generator_loss": gm.get("final_loss_smooth"), "cfg": guidance_scale, "n": n,
@@ -468,7 +477,7 @@ def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) ->
     evals = {(fam, tag): R.out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json" for fam in P.generators
              for _, tag, _ in decoders}
     # every decoder's reconstruction features are needed while any of the evaluations is missing
-    recs = [_recon_stage(R, d, tag, seed, {str(q): q for q in evals.values()}) for d, tag, _ in decoders]
+    recs = [_recon_stage(R, d, tag, ft, seed, {str(q): q for q in evals.values()}) for d, tag, ft in decoders]
     n = recs[0][2]
     rows = []
     for fam in P.generators:
@@ -595,7 +604,9 @@ def protocol_table(P: ReproduceConfig, preset: str, variants, budgets, ft_steps:
              f"- gFID reference: {_reference_status(P)}; rFID and the classifier space: the evaluation split",
              f"- Inception Score: {'on' if is_on else 'off (the real torch-fidelity Inception weights are not here)'}",
              f"- feature spaces: {', '.join(P.features)}; n = {P.n_eval} samples per evaluation"
-             + (f" (Inception on the first {P.n_inception})" if P.n_inception else ""),
+             + (f" (Inception on the first {P.n_inception})" if P.n_inception else "")
+             + (f"; untuned decoders: {', '.join(P.untuned_features)} only"
+                if ft_steps and P.untuned_features is not None else ""),
              f"- budgets (tokenizer/generator steps; 0 = the preset's length): {budgets}", ""]
     rows = []
     for (ts, gs) in budgets:
@@ -666,7 +677,9 @@ def headline_table(rows: List[dict]) -> str:
 
     def cell(rs, key, fmt):
         vals = [float(r[key]) for r in rs if r.get(key) not in (None, "")]
-        if len(vals) < len(rs) or not vals:
+        if not vals:
+            return "–"  # not measured (e.g. an untuned decoder outside untuned_features)
+        if len(vals) < len(rs):
             return "n/a"
         mean = sum(vals) / len(vals)
         if len(vals) == 1:
@@ -696,7 +709,10 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], _variant_key(r)), []).append(r)
     scales = sorted({float(r["cfg"]) for r in rows})
     scale_text = f"{scales[0]:g}" if len(scales) == 1 else "chosen per run by FD search, see results.csv"
-    counts = "; ".join(f"{k}: first {rows[0][f'n[{k}]']}" for k in P.features if f"n[{k}]" in rows[0])
+    counts = "; ".join(f"{k}: first {n}" for k in P.features
+                       for n in [next((r[f"n[{k}]"] for r in rows if f"n[{k}]" in r), None)] if n is not None)
+    if P.untuned_features is not None and any(r.get("decoder_ft_steps") for r in rows):
+        counts += f"; untuned decoders: {', '.join(P.untuned_features)} only"
     lines = [f"# ldetok reproduce --preset {preset}", "",
              f"Test images and class-balanced samples (cfg {scale_text}, EMA weights, "
              f"{rows[0]['sample_steps'] or 'default'} sampler steps), n = {rows[0]['n']} per set; feature spaces "
@@ -727,7 +743,7 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         cells = []
         for m in metrics:
             vals = [float(r[m]) for r in rs if r.get(m) is not None]
-            cells.append("n/a" if not vals else f"{np.mean(vals):.3g}" + (f" ± {np.std(vals):.2g}" if len(vals) > 1 else ""))
+            cells.append("–" if not vals else f"{np.mean(vals):.3g}" + (f" ± {np.std(vals):.2g}" if len(vals) > 1 else ""))
         lines.append(f"| {ts} | {gs} | {fam} | {_label(v, PAPER_VARIANTS)} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -92,7 +92,7 @@ def test_psnr_under_noise_one_protocol(tok_run, tmp_path, monkeypatch):
     P = resolve_reproduce_config("tiny", dict(n_eval=n, noise_levels=(0.5,), features=("moments",)))
     monkeypatch.setattr(R, "_extractors", lambda names, device, warm=False: {k: _MomentFeatures() for k in names})
     run = R._Run(P, tmp_path, init_distributed("cpu"), {}, {}, 0, R._Progress([("recon", n)], verbose=False))
-    rec, _, _ = R._recon_stage(run, tok_run, "tiny", seed, {})
+    rec, _, _ = R._recon_stage(run, tok_run, "tiny", 0, seed, {})
     assert json.loads((tmp_path / "eval" / "recon_tiny.json").read_text()) == rec
 
     cfg = run_train_config(tok_run)
@@ -158,6 +158,7 @@ def test_main_job_tiny(tmp_path, capsys):
     assert (out / "cpu-fmnist-ae" / "tokenizer" / "tokenizer.json").exists()
     table = printed[printed.index("| tokenizer"):]
     assert "l-DeTok (γ=3, M=0.7)" in table and "AE (γ=0, M=0)" in table and "gFID" in table
+    assert "Compared: AE (γ=0, M=0) against l-DeTok (γ=3, M=0.7)" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
     detok = [r for r in rows if r["variant"] == "detok" and r["tok_steps"] == "3"][0]
     assert f"{float(detok['fd_gen_real[inception]']):.1f}" in table  # the table prints the measured number
@@ -221,6 +222,45 @@ def test_reproduce_with_decoder_finetuning_reuses_the_generator(tmp_path):
     assert rows[0]["generator_tokenizer"] == rows[1]["generator_tokenizer"] == "detok_s0_t2"
     assert "decoder fine-tuned 2 steps" in (out / "results.md").read_text()
     assert (out / "samples" / "sit_detok_s0_t2_g2_ft2.png").is_file()
+
+
+class _CountingFeatures(_MomentFeatures):
+    """Moment features that count the images they see (the 'slow' space of the test below)."""
+
+    inception_score_available = False
+
+    def __init__(self):
+        self.seen = 0
+
+    def features(self, images):
+        f = super().features(images)
+        self.seen += len(f)
+        return f
+
+
+@pytest.mark.slow
+def test_untuned_decoders_measured_in_fewer_spaces(tmp_path, monkeypatch):
+    """untuned_features: beside a decoder-tuned copy, the untuned decoder is measured only in the named
+    spaces; the tuned one in every space. The slow space sees exactly the real, the tuned
+    reconstructions and the tuned decoder's samples, n_inception each."""
+    monkeypatch.setitem(REPRODUCE_PRESETS, "tiny", dict(REPRODUCE_PRESETS["tiny"], features=("classifier", "inception"),
+                                                        untuned_features=("classifier",), decoder_ft_steps=2))
+    slow = _CountingFeatures()
+    monkeypatch.setattr(R, "_extractors", lambda names, device, warm=False:
+                        {k: slow if k == "inception" else _MomentFeatures() for k in names})
+    out = tmp_path / "ft"
+    rows = R.reproduce("tiny", out, variants=["ae"], budgets=[(2, 2)], figures_dir=tmp_path / "figs")
+    untuned, tuned = sorted(rows, key=lambda r: r["decoder_ft_steps"])
+    assert (untuned["decoder_ft_steps"], tuned["decoder_ft_steps"]) == (0, 2)
+    for k in ("fd_recon_real", "fd_gen_real", "kid_gen_real", "fd_gen_recon"):
+        assert math.isfinite(untuned[f"{k}[classifier]"]) and math.isfinite(tuned[f"{k}[classifier]"])
+        assert f"{k}[inception]" not in untuned and math.isfinite(tuned[f"{k}[inception]"])
+    assert slow.seen == 3 * 12  # n_inception = 12 for real, tuned recon, tuned samples
+    table = R.headline_table(rows)
+    line = [ln for ln in table.splitlines() if ln.startswith("| AE") and "fine-tuned" not in ln][0]
+    assert "–" in line and "n/a" not in line
+    md = (out / "results.md").read_text()
+    assert "untuned decoders: classifier only" in md
 
 
 def test_a_tuned_decoder_renders_the_same_latents():
