@@ -233,6 +233,12 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import cmd_study as run
+
+    return run(args)
+
+
 def cmd_main(args) -> int:
     from .main_job import run_main_job
 
@@ -388,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_weights)
 
+    s = sub.add_parser("study", help="the γ x M study: heatmaps and ranking (map), held-out comparison (confirm)")
+    s.add_argument("action", choices=("map", "confirm"))
+    s.add_argument("sources", nargs="+", help="reproduce output folders or results CSVs")
+    s.add_argument("--out", required=True, help="folder for NAME.png/.csv/.md (e.g. figures/study)")
+    s.add_argument("--budget", default=None, help="only this TOKENIZER:GENERATOR budget, e.g. 1000:1500")
+    s.add_argument("--metric", default=None, help="map: the ranking's metric; confirm: one metric (default: four)")
+    s.add_argument("--candidate", default=None, help="confirm: the chosen variant, e.g. mask or g0.5_m0")
+    s.add_argument("--baseline", default="ae", help="confirm: the baseline variant (default ae: γ=0, M=0)")
+    s.add_argument("--name", default=None, help="file stem (default: map / confirm)")
+    s.set_defaults(fn=cmd_study)
+
     from .demo.cli import add_demo_parser  # light: torch and gradio load only when the demo runs
 
     add_demo_parser(sub)
@@ -398,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that compute nothing with torch (no thread count to set or report)
-_NO_TORCH = ("presets", "weights")
+_NO_TORCH = ("presets", "weights", "study")
 
 
 def main(argv=None) -> int:

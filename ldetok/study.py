@@ -1,0 +1,235 @@
+"""Where latent denoising pays off at small scale (``figures/study/``): the γ × M map of ``reproduce``
+runs as heatmaps, the settings ranked for the choice, and the held-out confirmation of the chosen setting
+against the γ=0/M=0 baseline on seeds that played no part in the choice.
+
+    ldetok study map runs/study/map --out figures/study            # heatmaps, ranking, per-seed CSV
+    ldetok study confirm runs/study/heldout --candidate mask --out figures/study
+
+Rows are ``reproduce`` result rows (``explore.load_results``); a variant's γ and M come from its name
+(``config.variant_settings``). The rule of the confirmation: the candidate beats the baseline only where
+the held-out means differ, in the better direction, by more than both standard deviations over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import variant_settings
+from .explore import better, load_results, metric_label
+from .reproduce import variant_label
+
+__all__ = ["load_rows", "map_cells", "plot_map", "ranking", "confirm", "write_rows", "MAP_METRICS"]
+
+# the map's panels: the samples against real images, the reconstruction ceiling, the samples against the
+# tokenizer's own reconstructions (modelability) and the generator's loss
+MAP_METRICS = ("fd_gen_real[classifier]", "fd_recon_real[classifier]", "fd_gen_recon[classifier]", "generator_loss")
+
+
+def load_rows(sources: Sequence, budget: Optional[Tuple[int, int]] = None) -> List[dict]:
+    """The result rows of several ``reproduce`` folders or CSVs, each with its ``gamma``, ``max_mask_ratio``
+    and ``noise_type`` (from the variant's name) and ``ft`` (decoder fine-tuning steps, 0 for none);
+    only ``budget`` (tokenizer, generator steps) when given. Duplicate (variant, seed, budget, ft) rows
+    from several sources are refused: each run must be counted once."""
+    rows, seen = [], {}
+    for src in sources:
+        for r in load_results(src):
+            if budget and (int(r["tok_steps"]), int(r["gen_steps"])) != tuple(budget):
+                continue
+            st = variant_settings(r["variant"])
+            r = {**r, **{k: int(r[k]) for k in ("seed", "tok_steps", "gen_steps")}, "gamma": st["gamma"], "max_mask_ratio": st["max_mask_ratio"],
+                 "noise_type": st.get("noise_type", "interpolative"), "ft": int(r.get("decoder_ft_steps") or 0)}
+            key = (r["variant"], int(r["seed"]), int(r["tok_steps"]), int(r["gen_steps"]), r["ft"], r["generator"])
+            if key in seen:
+                raise ValueError(f"{src}: the run {key} is also in {seen[key]}: count each run once")
+            seen[key] = src
+            rows.append(r)
+    if not rows:
+        raise ValueError(f"no result rows in {', '.join(map(str, sources))}" + (f" at budget {budget}" if budget else ""))
+    return rows
+
+
+def _stats(vals: Sequence[float]) -> dict:
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+
+
+def map_cells(rows: Sequence[dict], metric: str, ft: int) -> Dict[Tuple[float, float], dict]:
+    """(γ, M) -> mean, std and number of seeds of ``metric`` (interpolative noise only) for the decoder
+    fine-tuned ``ft`` steps (0: untuned)."""
+    vals: Dict[Tuple[float, float], List[float]] = {}
+    for r in rows:
+        if r["ft"] == ft and r["noise_type"] == "interpolative" and isinstance(r.get(metric), float):
+            vals.setdefault((r["gamma"], r["max_mask_ratio"]), []).append(r[metric])
+    return {k: _stats(v) for k, v in vals.items()}
+
+
+def plot_map(rows: Sequence[dict], path, metrics: Sequence[str] = MAP_METRICS, title: str = "") -> Path:
+    """One heatmap per metric (rows) and decoder (columns: untuned, fine-tuned), γ across and M down,
+    each cell its mean over seeds with the standard deviation and the seed count written in it."""
+    from matplotlib.figure import Figure
+
+    fts = sorted({r["ft"] for r in rows})
+    metrics = [m for m in metrics if any(isinstance(r.get(m), float) for r in rows)]
+    gammas = sorted({r["gamma"] for r in rows if r["noise_type"] == "interpolative"})
+    masks = sorted({r["max_mask_ratio"] for r in rows if r["noise_type"] == "interpolative"})
+    fig = Figure(figsize=(1.2 * len(gammas) * len(fts) + 1.5, 1.0 * len(masks) * len(metrics) + 1.4))
+    axes = fig.subplots(len(metrics), len(fts), squeeze=False)
+    for i, m in enumerate(metrics):
+        for j, ft in enumerate(fts):
+            cells = map_cells(rows, m, ft)
+            grid = np.full((len(masks), len(gammas)), np.nan)
+            for (g, mk), c in cells.items():
+                grid[masks.index(mk), gammas.index(g)] = c["mean"]
+            ax = axes[i, j]
+            cmap = "viridis_r" if better(m) == "lower" else "viridis"
+            im = ax.imshow(grid, cmap=cmap, aspect="auto")
+            for (g, mk), c in cells.items():
+                txt = f"{c['mean']:.3g}" + (f"\n±{c['std']:.2g} (n={c['n']})" if c["n"] > 1 else "\n(n=1)")
+                ax.text(gammas.index(g), masks.index(mk), txt, ha="center", va="center", fontsize=6.5,
+                        color="white" if _dark(grid, c["mean"], cmap) else "black")
+            ax.set_xticks(range(len(gammas)), [f"{g:g}" for g in gammas], fontsize=7)
+            ax.set_yticks(range(len(masks)), [f"{mk:g}" for mk in masks], fontsize=7)
+            ax.set_xlabel("γ (noise in training)", fontsize=7)
+            ax.set_ylabel("M (max mask ratio)", fontsize=7)
+            ax.set_title(f"{metric_label(m)}\n{'decoder fine-tuned ' + str(ft) + ' steps' if ft else 'untuned decoder'}",
+                         fontsize=7)
+            fig.colorbar(im, ax=ax, fraction=0.04)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _dark(grid: np.ndarray, v: float, cmap: str) -> bool:
+    """Whether a cell of value ``v`` is drawn dark (white text): the low end of viridis, reversed or not."""
+    lo, hi = np.nanmin(grid), np.nanmax(grid)
+    frac = 0.5 if hi == lo else (v - lo) / (hi - lo)
+    return (frac > 0.5) if cmap.endswith("_r") else (frac < 0.5)
+
+
+def ranking(rows: Sequence[dict], metric: str = "fd_gen_real[classifier]") -> List[dict]:
+    """Every (variant, decoder) by its mean ``metric`` over seeds, best first, with std and seeds."""
+    groups: Dict[Tuple[str, int], List[dict]] = {}
+    for r in rows:
+        if isinstance(r.get(metric), float):
+            groups.setdefault((r["variant"], r["ft"]), []).append(r)
+    out = [{"variant": v, "ft": ft, "label": variant_label(v), "seeds": sorted(int(r["seed"]) for r in rs),
+            **_stats([r[metric] for r in rs])} for (v, ft), rs in groups.items()]
+    return sorted(out, key=lambda d: d["mean"] if better(metric) != "higher" else -d["mean"])
+
+
+def confirm(rows: Sequence[dict], candidate: str, baseline: str = "ae",
+            metrics: Sequence[str] = MAP_METRICS[:1], ft: Optional[int] = None) -> List[dict]:
+    """Per metric: the candidate's and the baseline's mean ± std over their seeds (the same seeds for
+    both, else an error), and the verdict: ``"beats"`` / ``"loses"`` where the means differ by more than
+    both standard deviations (in the better / worse direction), else ``"no difference shown"``. ``ft``:
+    the decoder (fine-tuning steps) to compare; None: the most fine-tuned in the rows."""
+    ft = max(r["ft"] for r in rows) if ft is None else ft
+    out = []
+    for m in metrics:
+        vals = {}
+        for v in (candidate, baseline):
+            per = {int(r["seed"]): r[m] for r in rows if r["variant"] == v and r["ft"] == ft and isinstance(r.get(m), float)}
+            if not per:
+                raise ValueError(f"no {m} for {v!r} with decoder_ft_steps={ft} in the rows")
+            vals[v] = per
+        if set(vals[candidate]) != set(vals[baseline]):
+            raise ValueError(f"{m}: {candidate} has seeds {sorted(vals[candidate])}, {baseline} {sorted(vals[baseline])}:"
+                             " compare on the same seeds")
+        c, b = _stats(list(vals[candidate].values())), _stats(list(vals[baseline].values()))
+        diff = c["mean"] - b["mean"]
+        sign = -1.0 if better(m) == "lower" else 1.0
+        clear = abs(diff) > c["std"] and abs(diff) > b["std"]
+        verdict = ("beats" if sign * diff > 0 else "loses") if clear else "no difference shown"
+        out.append({"metric": m, "ft": ft, "seeds": sorted(vals[candidate]), "candidate": candidate, "baseline": baseline,
+                    "candidate_mean": c["mean"], "candidate_std": c["std"], "baseline_mean": b["mean"],
+                    "baseline_std": b["std"], "difference": diff, "verdict": verdict,
+                    "per_seed": {s: (vals[candidate][s], vals[baseline][s]) for s in sorted(vals[candidate])}})
+    return out
+
+
+def write_rows(rows: Sequence[dict], path, columns: Sequence[str]) -> Path:
+    """The rows (one per variant, seed and decoder) as a CSV with the given columns first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(columns) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in columns]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in sorted(rows, key=lambda r: (r["gamma"], r["max_mask_ratio"], r["noise_type"], r["ft"], r["seed"])):
+            w.writerow(r)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: ldetok study map | confirm
+# ---------------------------------------------------------------------------------------------
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def study_map(sources, out, budget=None, metric: str = MAP_METRICS[0], name: str = "map") -> List[dict]:
+    """Heatmaps (``OUT/NAME.png``), the per-seed CSV (``OUT/NAME.csv``) and the ranking by ``metric``
+    (``OUT/NAME.md``) of the runs in ``sources``."""
+    rows = load_rows(sources, budget)
+    out = Path(out)
+    budgets = sorted({(int(r["tok_steps"]), int(r["gen_steps"])) for r in rows})
+    title = (f"γ × M map, SiT, tokenizer/generator steps {', '.join(f'{a}/{b}' for a, b in budgets)}, "
+             f"seeds {','.join(map(str, sorted({int(r['seed']) for r in rows})))}")
+    plot_map(rows, out / f"{name}.png", title=title)
+    write_rows(rows, out / f"{name}.csv", ["variant", "gamma", "max_mask_ratio", "noise_type", "seed", "tok_steps",
+                                           "gen_steps", "ft", *MAP_METRICS])
+    rank = ranking(rows, metric)
+    lines = [f"# {title}", "", f"Ranked by {metric_label(metric)}: mean ± std over seeds.", "",
+             "| rank | setting | decoder | seeds | mean | std |", "|---|---|---|---|---|---|"]
+    lines += [f"| {i + 1} | {d['label']} | {'fine-tuned ' + str(d['ft']) if d['ft'] else 'untuned'} | "
+              f"{','.join(map(str, d['seeds']))} | {_fmt(d['mean'])} | {_fmt(d['std'])} |" for i, d in enumerate(rank)]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rank
+
+
+def study_confirm(sources, out, candidate: str, baseline: str = "ae", metrics: Sequence[str] = MAP_METRICS,
+                  budget=None, name: str = "confirm") -> List[dict]:
+    """The held-out comparison (``OUT/NAME.md``, per-seed ``OUT/NAME.csv``)."""
+    rows = [r for r in load_rows(sources, budget) if r["variant"] in (candidate, baseline)]
+    metrics = [m for m in metrics if any(isinstance(r.get(m), float) for r in rows)]
+    res = confirm(rows, candidate, baseline, metrics)
+    out = Path(out)
+    write_rows(rows, out / f"{name}.csv", ["variant", "gamma", "max_mask_ratio", "noise_type", "seed", "tok_steps",
+                                           "gen_steps", "ft", *metrics])
+    c, b = variant_label(candidate), variant_label(baseline)
+    lines = [f"# Held-out confirmation: {c} against {b}", "",
+             f"Seeds {','.join(map(str, res[0]['seeds']))}, decoders fine-tuned {res[0]['ft']} steps; mean ± std over "
+             "seeds (population std). The candidate beats the baseline only where the means differ by more than "
+             "both spreads.", "", f"| metric | {c} | {b} | difference | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {metric_label(d['metric'])} | {_fmt(d['candidate_mean'])} ± {_fmt(d['candidate_std'])} | "
+              f"{_fmt(d['baseline_mean'])} ± {_fmt(d['baseline_std'])} | {d['difference']:+.3g} | {d['verdict']} |"
+              for d in res]
+    lines += ["", "Per seed (candidate / baseline):", "", "| metric | " + " | ".join(f"seed {s}" for s in res[0]["seeds"]) + " |",
+              "|---|" + "---|" * len(res[0]["seeds"])]
+    lines += [f"| {d['metric']} | " + " | ".join(f"{_fmt(a)} / {_fmt(z)}" for a, z in d["per_seed"].values()) + " |"
+              for d in res]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return res
+
+
+def cmd_study(args) -> int:
+    from .reproduce import parse_budgets
+
+    budget = parse_budgets(args.budget)[0] if args.budget else None
+    if args.action == "map":
+        study_map(args.sources, args.out, budget, args.metric or MAP_METRICS[0], args.name or "map")
+    else:
+        if not args.candidate:
+            raise ValueError("ldetok study confirm needs --candidate VARIANT")
+        study_confirm(args.sources, args.out, args.candidate, args.baseline,
+                      [args.metric] if args.metric else MAP_METRICS, budget, args.name or "confirm")
+    return 0

@@ -1,0 +1,92 @@
+"""ldetok.study: the γ × M map's cells, the ranking, the held-out rule and the command line, on
+synthetic ``reproduce`` result CSVs."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from ldetok import study
+from ldetok.cli import main as cli
+
+FIELDS = ["variant", "generator", "seed", "tok_steps", "gen_steps", "decoder_ft_steps", "fd_gen_real[classifier]",
+          "fd_recon_real[classifier]", "generator_loss"]
+
+
+def _csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _row(variant, seed, fd, ft=0, steps=(1000, 1500)):
+    return {"variant": variant, "generator": "sit", "seed": seed, "tok_steps": steps[0], "gen_steps": steps[1],
+            "decoder_ft_steps": ft, "fd_gen_real[classifier]": fd, "fd_recon_real[classifier]": fd / 2,
+            "generator_loss": 1.0 / (1 + seed)}
+
+
+def test_map_cells_rank_and_budget_filter(tmp_path):
+    rows = [_row("ae", 0, 60.0), _row("ae", 1, 64.0), _row("ae", 0, 50.0, ft=500), _row("ae", 1, 54.0, ft=500),
+            _row("g0.5_m0.7", 0, 70.0, ft=500), _row("detok", 0, 120.0, ft=500), _row("g3_m0_add", 0, 90.0, ft=500),
+            _row("ae", 0, 1.0, ft=500, steps=(2000, 3000))]
+    src = _csv(tmp_path / "a" / "results.csv", rows)
+    got = study.load_rows([src], budget=(1000, 1500))
+    assert len(got) == 7 and {r["gamma"] for r in got} == {0.0, 0.5, 3.0}
+    cells = study.map_cells(got, "fd_gen_real[classifier]", 500)
+    assert cells[(0.0, 0.0)] == {"mean": 52.0, "std": 2.0, "n": 2}
+    assert cells[(0.5, 0.7)]["mean"] == 70.0 and cells[(3.0, 0.7)]["mean"] == 120.0
+    assert (3.0, 0.0) not in cells  # the additive variant is not on the interpolative map
+    assert study.map_cells(got, "fd_gen_real[classifier]", 0) == {(0.0, 0.0): {"mean": 62.0, "std": 2.0, "n": 2}}
+    rank = study.ranking(got)
+    assert [(d["variant"], d["ft"]) for d in rank[:3]] == [("ae", 500), ("ae", 0), ("g0.5_m0.7", 500)]
+    path = study.plot_map(got, tmp_path / "map.png")
+    assert path.stat().st_size > 10_000
+
+
+def test_the_same_run_twice_is_refused(tmp_path):
+    a = _csv(tmp_path / "a.csv", [_row("ae", 0, 60.0)])
+    b = _csv(tmp_path / "b.csv", [_row("ae", 0, 61.0)])
+    with pytest.raises(ValueError, match="count each run once"):
+        study.load_rows([a, b])
+
+
+def _heldout(cand, base):
+    return [_row("mask", s, c, ft=500) for s, c in zip((2, 3, 4), cand)] + \
+           [_row("ae", s, b, ft=500) for s, b in zip((2, 3, 4), base)]
+
+
+@pytest.mark.parametrize("cand, base, verdict", [
+    ((50.0, 51.0, 52.0), (60.0, 61.0, 62.0), "beats"),            # 10 apart, spreads 0.8
+    ((70.0, 71.0, 72.0), (60.0, 61.0, 62.0), "loses"),
+    ((50.0, 60.0, 70.0), (58.0, 59.0, 60.0), "no difference shown"),  # means 60 vs 59, candidate spread 8.2
+    ((55.0, 56.0, 57.0), (50.0, 60.0, 70.0), "no difference shown"),  # 4 apart, but the baseline's spread is 8.2
+])
+def test_confirm_rule_needs_a_gap_larger_than_both_spreads(cand, base, verdict):
+    rows = [{**r, "gamma": 0.0, "max_mask_ratio": 0.7 if r["variant"] == "mask" else 0.0, "noise_type": "interpolative",
+             "ft": r["decoder_ft_steps"]} for r in _heldout(cand, base)]
+    (res,) = study.confirm(rows, "mask", "ae")
+    assert res["verdict"] == verdict
+    assert res["candidate_mean"] == pytest.approx(np.mean(cand)) and res["baseline_std"] == pytest.approx(np.std(base))
+    assert res["per_seed"][3] == (cand[1], base[1])
+
+
+def test_confirm_refuses_different_seeds():
+    rows = [{**r, "gamma": 0.0, "max_mask_ratio": 0.0, "noise_type": "interpolative", "ft": r["decoder_ft_steps"]}
+            for r in _heldout((1.0, 2.0, 3.0), (1.0, 2.0, 3.0))[:-1]]
+    with pytest.raises(ValueError, match="same seeds"):
+        study.confirm(rows, "mask", "ae")
+
+
+def test_study_command_writes_map_and_confirmation(tmp_path, capsys):
+    src = _csv(tmp_path / "runs" / "results.csv", _heldout((50.0, 51.0, 52.0), (60.0, 61.0, 62.0)))
+    out = tmp_path / "figs"
+    assert cli(["study", "map", str(src), "--out", str(out)]) == 0
+    assert (out / "map.png").is_file() and "| 1 | masking only (M=0.7)" in (out / "map.md").read_text()
+    assert cli(["study", "confirm", str(src), "--candidate", "mask", "--out", str(out)]) == 0
+    md = (out / "confirm.md").read_text()
+    assert "| beats |" in md and "51 ± 0.816" in md
+    per_seed = list(csv.DictReader(open(out / "confirm.csv")))
+    assert len(per_seed) == 6 and {r["seed"] for r in per_seed} == {"2", "3", "4"}
