@@ -242,7 +242,7 @@ def cmd_study(args) -> int:
 def cmd_main(args) -> int:
     from .main_job import run_main_job
 
-    run_main_job(args.out, preset=args.preset, figures_dir=args.figures, device=args.device)
+    run_main_job(args.out, preset=args.preset, figures_dir=args.figures, device=args.device, jobs=args.jobs)
     return 0
 
 
@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="cpu-quick", help="the reproduce preset (cpu-quick; tiny for a smoke run)")
     s.add_argument("--figures", default="figures")
     s.add_argument("--device", default="auto")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="variant pipelines side by side, each in its own process (default: one per variant up to "
+                        "the CPUs on a CPU run, the CPUs shared among them; 1 on a GPU)")
     s.set_defaults(fn=cmd_main)
 
     s = sub.add_parser("weights", help="the named weight files: list them, download them into the standard caches")

@@ -149,8 +149,11 @@ def test_main_job_tiny(tmp_path, capsys):
     """`ldetok main` (the job of `make run`) on the tiny preset: the reproduction, the links the notebooks
     and the demo use, the three figures, and the headline table printed at the end."""
     out, figs = tmp_path / "main", tmp_path / "figs"
-    assert cli(["main", "--preset", "tiny", "--out", str(out), "--figures", str(figs)]) == 0
+    assert cli(["main", "--preset", "tiny", "--out", str(out), "--figures", str(figs), "--jobs", "2"]) == 0
     printed = capsys.readouterr().out
+    # the two variants ran side by side, each in its own process with its own log
+    assert "[ae] [" in printed and "[detok] [" in printed and "stage 1/" in printed
+    assert "training detok_MM" in (out / "logs" / "reproduce_detok.log").read_text()
     for name in ("fmnist_reconstructions.png", "fmnist_corruption_sweep.png", "fmnist_samples.png"):
         assert (figs / name).stat().st_size > 1000, name
     assert (out / "cpu-fmnist").is_symlink() and (out / "cpu-fmnist-ae").is_symlink()
@@ -163,6 +166,21 @@ def test_main_job_tiny(tmp_path, capsys):
     detok = [r for r in rows if r["variant"] == "detok" and r["tok_steps"] == "3"][0]
     assert f"{float(detok['fd_gen_real[inception]']):.1f}" in table  # the table prints the measured number
     assert (out / "summary.md").read_text().startswith("| tokenizer")
+
+
+def test_parallel_jobs(monkeypatch):
+    from ldetok import main_job
+
+    monkeypatch.setattr(main_job, "usable_cpus", lambda: 2)
+    assert main_job.parallel_jobs(None, 2, "cpu") == 2 and main_job.parallel_jobs(None, 4, "cpu") == 2
+    assert main_job.parallel_jobs(3, 2, "cpu") == 2 and main_job.parallel_jobs(1, 2, "cpu") == 1
+    monkeypatch.setattr(main_job, "usable_cpus", lambda: 1)
+    assert main_job.parallel_jobs(None, 2, "cpu") == 1
+    monkeypatch.setattr(main_job, "usable_cpus", lambda: 8)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: one pipeline, every rank in it
+    assert main_job.parallel_jobs(None, 2, "cpu") == 1
+    with pytest.raises(ValueError, match="--jobs"):
+        main_job.parallel_jobs(0, 2, "cpu")
 
 
 def test_headline_table_averages_seeds():
