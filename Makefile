@@ -24,10 +24,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Re-install when the project's dependencies change.
+# Re-install when the project's dependencies change. --no-compile: Python compiles each module when it is
+# first imported instead of pip compiling every file of every package (154 s -> 70 s here).
 # The `ldetok` Jupyter kernel (the notebooks name it) is registered inside the venv, pointing at its Python.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[all]'
+	$(BIN)/python -m pip install -q --no-compile -e '.[all]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name ldetok --display-name "Python (ldetok)" >/dev/null
 	touch $@
 

@@ -621,7 +621,7 @@ REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
     # l-DeTok's practice; it helped both in the cpu-map study), each generator reused by its tuned decoder;
     # Inception on the tuned decoders only (the untuned ones in the classifier's space), under 20 min on 2 cores
     "cpu-quick": dict(variants=("ae", "detok"), generators=("sit",), budgets=((1000, 1500),), n_eval=1000,
-                      n_inception=250, decoder_ft_steps=500, untuned_features=("classifier",)),
+                      n_inception=200, decoder_ft_steps=500, untuned_features=("classifier",)),
     # baseline vs l-DeTok at four budgets, two seeds (about 75 min on 2 cores with one process per seed)
     "cpu-budget": dict(variants=("ae", "detok"), generators=("sit",), seeds=(0, 1),
                        budgets=((250, 375), (500, 750), (1000, 1500), (2000, 3000)), n_eval=1000, n_inception=250),
