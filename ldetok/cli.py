@@ -229,7 +229,8 @@ def cmd_reproduce(args) -> int:
     reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures,
               budgets=budgets, tok_overrides=tok_over, gen_overrides=gen_over, decoder_ft_steps=args.decoder_ft,
               guidance_scales=_numbers("--cfg-search", args.cfg_search, float, 0.0) if args.cfg_search else None,
-              n_search=args.n_search, families=families, reference=args.reference or None, dry_run=args.dry_run)
+              n_search=args.n_search, families=families, reference=args.reference or None, dry_run=args.dry_run,
+              collect=args.collect)
     return 0
 
 
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'model_args={\"diffloss_d\": 3}'")
     s.add_argument("--reference", default="", help="gFID reference: an ADM .npz, released:adm_in256_stats, "
                    "DATASET:SPLIT[:N] or an image folder (default: the preset's)")
+    s.add_argument("--collect", action="store_true",
+                   help="write results.* from the finished stages only (e.g. while other processes still run); "
+                        "start nothing, list what is not finished")
     s.add_argument("--dry-run", action="store_true", help="print every protocol value per variant and family, run nothing")
     s.add_argument("--device", default="auto")
     s.add_argument("--figures", default="figures")

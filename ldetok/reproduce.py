@@ -503,6 +503,28 @@ def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) ->
     return rows
 
 
+def collect_rows(P: ReproduceConfig, out: Path, seeds, variants, budgets, ft_steps: int) -> Tuple[List[dict], List[str]]:
+    """The result rows of every finished (budget, seed, variant, generator, decoder) in ``out``, read from
+    its ``eval/`` files as ``reproduce`` writes them, and the tags of those not finished; trains nothing."""
+    rows, missing = [], []
+    for tok_steps, gen_steps in budgets:
+        for seed in seeds:
+            for v in variants:
+                tag = f"{v}_s{seed}_t{tok_steps}"
+                decoders = [(tag, 0)] + ([(f"{tag}_ft{ft_steps}", ft_steps)] if ft_steps else [])
+                for fam in P.generators:
+                    for dtag, ft in decoders:
+                        rec, ev = (_done(out / "eval" / name) for name in
+                                   (f"recon_{dtag}.json", f"gen_{fam}_{dtag}_g{gen_steps}.json"))
+                        if rec is None or ev is None:
+                            missing.append(f"{fam}_{dtag}_g{gen_steps}")
+                            continue
+                        rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
+                                     **({"decoder_ft_steps": ft} if ft_steps else {}), "gen_steps": gen_steps,
+                                     **rec, **ev})
+    return rows, missing
+
+
 def _with_command_line(P: ReproduceConfig, guidance_scales, n_search, gen_overrides: Dict,
                        families: Optional[Dict[str, Dict]], reference: Optional[str]) -> ReproduceConfig:
     """The preset with the command line's settings, which beat the preset's per-family ones: each is
@@ -536,13 +558,14 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
               tok_overrides: Optional[Dict] = None, gen_overrides: Optional[Dict] = None,
               decoder_ft_steps: Optional[int] = None, guidance_scales: Optional[Sequence[float]] = None,
               n_search: Optional[int] = None, families: Optional[Dict[str, Dict]] = None,
-              reference: Optional[str] = None, dry_run: bool = False) -> List[dict]:
+              reference: Optional[str] = None, dry_run: bool = False, collect: bool = False) -> List[dict]:
     """Run (or resume) a reproduction; see the module docstring. Under torchrun every rank trains (DDP)
     and evaluates its share of the images (image i on rank i mod world size; sample chunks seeded by
     seed and rank), rank 0 decides which stages are done and writes every file. ``guidance_scales``
     (with ``n_search``) replaces every family's guidance-scale search; ``families`` ({family or name:
     settings}, ``--gen-for``) sets one family's sampling or training settings; ``reference`` replaces the
-    preset's gFID reference (and must then exist). ``dry_run`` prints the protocol and returns."""
+    preset's gFID reference (and must then exist). ``dry_run`` prints the protocol and returns;
+    ``collect`` writes the results of the finished stages only (``collect_rows``), starting none."""
 
     P = _with_command_line(resolve_reproduce_config(preset), guidance_scales, n_search, gen_overrides or {},
                            families, reference)
@@ -557,6 +580,13 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
     if dry_run:
         print(protocol_table(P, preset, variants, budgets, ft_steps, tok_over, gen_over))
         return []
+    if collect:
+        rows, missing = collect_rows(P, Path(out), seeds, variants, budgets, ft_steps)
+        print(f"{len(rows)} finished result rows; {len(missing)} not finished" +
+              (f": {', '.join(missing)}" if missing else ""))
+        if rows:
+            _write_results(P, preset, rows, Path(out), Path(figures_dir))
+        return rows
     if reference is not None:  # asked for on the command line: it must exist, checked before any training
         Reference.parse(reference, count=P.n_eval)
     out = Path(out)

@@ -43,6 +43,14 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert [p.stat().st_mtime_ns for p in weights] == mtimes
     again = capsys.readouterr().out
     assert "training detok_MM" not in again and "training sit" not in again
+    # --collect: the finished rows, read back from eval/, the unfinished listed; nothing starts
+    (out / "results.csv").unlink()
+    assert cli(["reproduce", "--preset", "tiny", "--out", str(out), "--figures", str(figs), "--seeds", "0,1",
+                "--collect"]) == 0
+    said = capsys.readouterr().out
+    assert "4 finished result rows; 4 not finished: sit_ae_s1_t2_g2" in said
+    collected = list(csv.DictReader(open(out / "results.csv")))
+    assert collected == rows
 
 
 def test_parse_budgets():
