@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import variant_settings
 from .explore import better, load_results, metric_label
-from .reproduce import variant_label
+from .reproduce import parse_budgets, variant_label
 
 __all__ = ["load_rows", "map_cells", "plot_map", "ranking", "confirm", "write_rows", "MAP_METRICS"]
 
@@ -222,8 +222,6 @@ def study_confirm(sources, out, candidate: str, baseline: str = "ae", metrics: S
 
 
 def cmd_study(args) -> int:
-    from .reproduce import parse_budgets
-
     budget = parse_budgets(args.budget)[0] if args.budget else None
     if args.action == "map":
         study_map(args.sources, args.out, budget, args.metric or MAP_METRICS[0], args.name or "map")
