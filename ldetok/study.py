@@ -40,7 +40,7 @@ def load_rows(sources: Sequence, budget: Optional[Tuple[int, int]] = None) -> Li
             if budget and (int(r["tok_steps"]), int(r["gen_steps"])) != tuple(budget):
                 continue
             st = variant_settings(r["variant"])
-            r = {**r, **{k: int(r[k]) for k in ("seed", "tok_steps", "gen_steps")}, "gamma": st["gamma"], "max_mask_ratio": st["max_mask_ratio"],
+            r = {**r, **{k: int(r[k]) for k in ("seed", "tok_steps", "gen_steps", "decoder_ft_steps", "n_recon", "n") if r.get(k) is not None}, "gamma": st["gamma"], "max_mask_ratio": st["max_mask_ratio"],
                  "noise_type": st.get("noise_type", "interpolative"), "ft": int(r.get("decoder_ft_steps") or 0)}
             key = (r["variant"], int(r["seed"]), int(r["tok_steps"]), int(r["gen_steps"]), r["ft"], r["generator"])
             if key in seen:
