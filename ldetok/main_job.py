@@ -24,7 +24,7 @@ from .data import build_dataset
 from .config import resolve_reproduce_config
 from .engine.common import usable_cpus
 from .engine.distributed import is_distributed, resolve_device
-from .reproduce import LABELS, headline_table, reproduce, variant_label, warm_extractors
+from .reproduce import LABELS, headline_table, reproduce, tokenizer_tags, variant_label, warm_extractors
 from .runs import load_tokenizer, run_corruption, run_train_config
 from .viz import plot_corruption_sweeps, save_grid
 
@@ -52,20 +52,21 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
     P = resolve_reproduce_config(preset)
     jobs = parallel_jobs(jobs, len(P.variants), device)
     if jobs > 1:
-        _variants_side_by_side(preset, out, list(P.variants), jobs, device)
+        _variants_side_by_side(preset, P, out, jobs, device)
     rows = reproduce(preset, out, device=device, figures_dir=figures)  # with jobs > 1: every stage found done
 
     # ---- figures from the largest budget's tokenizers and samples (first seed) ----------------
     tok_steps, gen_steps = P.budgets[-1]
     seed = P.seeds[0]
-    runs = {v: out / "tokenizers" / f"{v}_s{seed}_t{tok_steps}" for v in ("detok", "ae") if v in P.variants}
+    # per variant: its tokenizer, and the one the table compares (its decoder-tuned copy when there is one)
+    tags = {v: tokenizer_tags(v, seed, tok_steps, P.decoder_ft_steps) for v in ("detok", "ae") if v in P.variants}
+    runs = {v: out / "tokenizers" / t[0][0] for v, t in tags.items()}
     for v, run in runs.items():
         _link(run, out / LINKS[v])
-    # what the table compares: the fine-tuned decoders when there are (the sweeps show the trained ones:
-    # the corruption they were trained under is the point there)
+    # the sweeps show the trained tokenizers: the corruption they were trained under is the point there
     ft = f"_ft{P.decoder_ft_steps}" if P.decoder_ft_steps else ""
     label = (lambda v: f"{LABELS[v]}, decoder fine-tuned") if ft else LABELS.get
-    shown = {label(v): load_tokenizer(run.with_name(run.name + ft)).eval() for v, run in runs.items()}
+    shown = {label(v): load_tokenizer(out / "tokenizers" / t[-1][0]).eval() for v, t in tags.items()}
     toks = {LABELS[v]: load_tokenizer(run).eval() for v, run in runs.items()}
     tcfg = run_train_config(next(iter(runs.values())))
     test = build_dataset(tcfg.data.dataset, split=tcfg.data.eval_split, image_size=tcfg.model.image_size,
@@ -108,14 +109,14 @@ def parallel_jobs(jobs: Optional[int], n_variants: int, device: str = "auto") ->
     return max(1, min(n_variants, usable_cpus()))
 
 
-def _variants_side_by_side(preset: str, out: Path, variants: List[str], jobs: int, device: str) -> None:
+def _variants_side_by_side(preset: str, P, out: Path, jobs: int, device: str) -> None:
     """Every stage of each group of variants in its own ``ldetok reproduce`` process at CPUs/jobs threads.
     The feature extractors are prepared first, here (the classifier trained, the Inception weights
     converted), so the processes only read their caches. Each process's output goes to
     ``OUT/logs/<variants>.log``; its stage lines are shown here, prefixed with its variants, and its log's
     end when it fails."""
-    P = resolve_reproduce_config(preset)
     warm_extractors(P.features, device)
+    variants = list(P.variants)
     threads = max(1, usable_cpus() // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     (out / "logs").mkdir(parents=True, exist_ok=True)

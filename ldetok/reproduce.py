@@ -22,6 +22,7 @@ where it stopped. Results: ``results.csv`` (one row per run), ``results.md`` (me
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import time
@@ -49,7 +50,7 @@ from .runs import atomic_write_text, load_generator_run, load_tokenizer, run_tra
 from .sampling import generate_images
 from .viz import save_grid
 
-__all__ = ["reproduce", "headline_table", "parse_budgets", "warm_extractors", "tokenizer_config", "generator_config", "protocol_table"]
+__all__ = ["reproduce", "headline_table", "parse_budgets", "warm_extractors", "tokenizer_tags", "tokenizer_config", "generator_config", "protocol_table"]
 
 PAPER_VARIANTS = {"ae": "γ=0, M=0", "mask": "masking only (M=0.7)", "noise": "noise only (γ=3)",
                   "detok": "noise + masking (l-DeTok)"}
@@ -274,20 +275,44 @@ class _Run:
         self.prog.end(t, skipped)
 
 
+def tokenizer_tags(v: str, seed: int, tok_steps: int, ft_steps: int = 0) -> List[Tuple[str, int]]:
+    """The run names (under ``OUT/tokenizers``) of a variant's tokenizer and, with ``ft_steps``, of its
+    decoder-tuned copy, each with its decoder fine-tuning steps: ``[("ae_s0_t1000", 0), ("ae_s0_t1000_ft500", 500)]``."""
+    tag = f"{v}_s{seed}_t{tok_steps}"
+    return [(tag, 0)] + ([(f"{tag}_ft{ft_steps}", ft_steps)] if ft_steps else [])
+
+
+def _recon_file(out: Path, tag: str) -> Path:
+    """The reconstruction results of the tokenizer (decoder) ``tag``."""
+    return out / "eval" / f"recon_{tag}.json"
+
+
+def _gen_file(out: Path, fam: str, tag: str, gen_steps: int) -> Path:
+    """The generation results of generator family ``fam``'s samples rendered by the decoder ``tag``."""
+    return out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json"
+
+
+def _result_row(v: str, fam: str, seed: int, tok_steps: int, gen_steps: int, ft: Optional[int], rec: dict,
+                ev: dict) -> dict:
+    """One row of results.csv (``ft`` None: a reproduction without decoder fine-tuning, no such column)."""
+    return {"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
+            **({"decoder_ft_steps": ft} if ft is not None else {}), "gen_steps": gen_steps, **rec, **ev}
+
+
 def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> List[Tuple[Path, str, int]]:
     """Train (or find) variant ``v``'s tokenizer, then its decoder fine-tuning when asked; returns
     ``[(folder, tag, decoder fine-tuning steps)]``: the tokenizer, then its decoder-tuned copy."""
 
     P = R.P
-    tag = f"{v}_s{seed}_t{tok_steps}"
+    (tag, _), *tuned = tokenizer_tags(v, seed, tok_steps, R.ft_steps)
     tok_dir = R.out / "tokenizers" / tag
     cfg = tokenizer_config(P, v, seed, tok_steps, R.tok_over)
     R.stage(f"tokenizer {variant_label(v, PAPER_VARIANTS)} seed {seed} ({tok_steps or 'preset'} steps)",
             tok_dir / "tokenizer" / "tokenizer.json", tok_steps, lambda: train_tokenizer(cfg, tok_dir))
-    if not R.ft_steps:
+    if not tuned:
         return [(tok_dir, tag, 0)]
     # ---- decoder fine-tuning: encoder frozen, clean latents, the decoder fine-tuning recipe
-    ft_tag = f"{tag}_ft{R.ft_steps}"
+    ft_tag = tuned[0][0]
     ft_dir = R.out / "tokenizers" / ft_tag
     ft_cfg = tokenizer_config(P, v, seed, tok_steps, R.tok_over, parent=str(tok_dir), ft_steps=R.ft_steps)
     R.stage(f"decoder fine-tuning {ft_tag} ({R.ft_steps} steps, {P.decoder_ft()})", ft_dir / "tokenizer" / "tokenizer.json",
@@ -309,7 +334,7 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, ft: int, seed: int, gen_evals
 
     P, D = R.P, R.D
     t = R.prog.stage(f"reconstruction metrics {tag}")
-    rec_path = R.out / "eval" / f"recon_{tag}.json"
+    rec_path = _recon_file(R.out, tag)
     rec = R.done(rec_path)
     need_feats = bool(broadcast_object(rec is None or any(not q.exists() for q in gen_evals.values())
                                        if R.main else None))
@@ -480,8 +505,7 @@ def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) ->
               "trained on it separately")
     decoders = toks if shared else toks[-1:]
     gen_dir, gen_tag = decoders[0][0], decoders[0][1]
-    evals = {(fam, tag): R.out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json" for fam in P.generators
-             for _, tag, _ in decoders}
+    evals = {(fam, tag): _gen_file(R.out, fam, tag, gen_steps) for fam in P.generators for _, tag, _ in decoders}
     # every decoder's reconstruction features are needed while any of the evaluations is missing
     recs = [_recon_stage(R, d, tag, ft, seed, {str(q): q for q in evals.values()}) for d, tag, ft in decoders]
     n = recs[0][2]
@@ -498,8 +522,7 @@ def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) ->
                 R.save(p, ev)
         R.prog.end(t, skipped)
         for (_, _, ft), (rec, _, _), ev in zip(decoders, recs, evs):
-            rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
-                         **({"decoder_ft_steps": ft} if R.ft_steps else {}), "gen_steps": gen_steps, **rec, **ev})
+            rows.append(_result_row(v, fam, seed, tok_steps, gen_steps, ft if R.ft_steps else None, rec, ev))
     return rows
 
 
@@ -507,21 +530,13 @@ def collect_rows(P: ReproduceConfig, out: Path, seeds, variants, budgets, ft_ste
     """The result rows of every finished (budget, seed, variant, generator, decoder) in ``out``, read from
     its ``eval/`` files as ``reproduce`` writes them, and the tags of those not finished; trains nothing."""
     rows, missing = [], []
-    for tok_steps, gen_steps in budgets:
-        for seed in seeds:
-            for v in variants:
-                tag = f"{v}_s{seed}_t{tok_steps}"
-                decoders = [(tag, 0)] + ([(f"{tag}_ft{ft_steps}", ft_steps)] if ft_steps else [])
-                for fam in P.generators:
-                    for dtag, ft in decoders:
-                        rec, ev = (_done(out / "eval" / name) for name in
-                                   (f"recon_{dtag}.json", f"gen_{fam}_{dtag}_g{gen_steps}.json"))
-                        if rec is None or ev is None:
-                            missing.append(f"{fam}_{dtag}_g{gen_steps}")
-                            continue
-                        rows.append({"variant": v, "generator": fam, "seed": seed, "tok_steps": tok_steps,
-                                     **({"decoder_ft_steps": ft} if ft_steps else {}), "gen_steps": gen_steps,
-                                     **rec, **ev})
+    for (tok_steps, gen_steps), seed, v, fam in itertools.product(budgets, seeds, variants, P.generators):
+        for tag, ft in tokenizer_tags(v, seed, tok_steps, ft_steps):
+            rec, ev = _done(_recon_file(out, tag)), _done(_gen_file(out, fam, tag, gen_steps))
+            if rec is None or ev is None:
+                missing.append(f"{fam}_{tag}_g{gen_steps}")
+            else:
+                rows.append(_result_row(v, fam, seed, tok_steps, gen_steps, ft if ft_steps else None, rec, ev))
     return rows, missing
 
 
@@ -745,8 +760,8 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
         groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], _variant_key(r)), []).append(r)
     scales = sorted({float(r["cfg"]) for r in rows})
     scale_text = f"{scales[0]:g}" if len(scales) == 1 else "chosen per run by FD search, see results.csv"
-    counts = "; ".join(f"{k}: first {n}" for k in P.features
-                       for n in [next((r[f"n[{k}]"] for r in rows if f"n[{k}]" in r), None)] if n is not None)
+    counted = {k: next((r[f"n[{k}]"] for r in rows if f"n[{k}]" in r), None) for k in P.features}
+    counts = "; ".join(f"{k}: first {n}" for k, n in counted.items() if n is not None)
     if P.untuned_features is not None and any(r.get("decoder_ft_steps") for r in rows):
         counts += f"; untuned decoders: {', '.join(P.untuned_features)} only"
     lines = [f"# ldetok reproduce --preset {preset}", "",

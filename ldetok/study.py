@@ -26,6 +26,7 @@ __all__ = ["load_rows", "map_cells", "plot_map", "ranking", "confirm", "write_ro
 
 # the map's panels: the samples against real images, the reconstruction ceiling, the samples against the
 # tokenizer's own reconstructions (modelability) and the generator's loss
+_INTEGERS = ("seed", "tok_steps", "gen_steps", "decoder_ft_steps", "n_recon", "n")  # read back as floats
 MAP_METRICS = ("fd_gen_real[classifier]", "fd_recon_real[classifier]", "fd_gen_recon[classifier]", "generator_loss")
 
 
@@ -40,9 +41,10 @@ def load_rows(sources: Sequence, budget: Optional[Tuple[int, int]] = None) -> Li
             if budget and (int(r["tok_steps"]), int(r["gen_steps"])) != tuple(budget):
                 continue
             st = variant_settings(r["variant"])
-            r = {**r, **{k: int(r[k]) for k in ("seed", "tok_steps", "gen_steps", "decoder_ft_steps", "n_recon", "n") if r.get(k) is not None}, "gamma": st["gamma"], "max_mask_ratio": st["max_mask_ratio"],
-                 "noise_type": st.get("noise_type", "interpolative"), "ft": int(r.get("decoder_ft_steps") or 0)}
-            key = (r["variant"], int(r["seed"]), int(r["tok_steps"]), int(r["gen_steps"]), r["ft"], r["generator"])
+            counts = {k: int(r[k]) for k in _INTEGERS if r.get(k) is not None}
+            r = {**r, **counts, "gamma": st["gamma"], "max_mask_ratio": st["max_mask_ratio"],
+                 "noise_type": st.get("noise_type", "interpolative"), "ft": counts.get("decoder_ft_steps", 0)}
+            key = (r["variant"], r["seed"], r["tok_steps"], r["gen_steps"], r["ft"], r["generator"])
             if key in seen:
                 raise ValueError(f"{src}: the run {key} is also in {seen[key]}: count each run once")
             seen[key] = src
