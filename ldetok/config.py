@@ -648,13 +648,24 @@ REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
                               "g2_m0.7", "detok"), generators=("sit",), seeds=(0, 1),
                     budgets=((1000, 1500), (2000, 3000)), decoder_ft_steps=500, n_eval=1000,
                     features=("classifier",)),
-    # Is the baseline's gap a generator-capacity effect? Both tokenizers at the cpu-quick budget with a SiT of
-    # twice the width, and with twice the generator steps (each in its own --out: generator folders are
-    # named by variant, seed and steps, not by the model's size)
+    # Is the baseline's gap a generator-capacity effect? Both tokenizers at the cpu-quick budget, measured as
+    # the map measures them (decoders fine-tuned 500 steps, classifier-space FD), with a SiT of twice the
+    # width (hidden 256 instead of 128: its folders are named sit-hidden_size256_...) and with twice the
+    # generator steps. Run them with --out of the cpu-map runs: they reuse its tokenizers (and the map's
+    # 1000/1500 rows are their baseline), so only the generators differ.
     "cpu-capacity-width": dict(variants=("ae", "detok"), generators=("sit",), seeds=(0, 1), budgets=((1000, 1500),),
-                               n_eval=1000, n_inception=500, families={"sit": {"model_args": '{"hidden_size": 256}'}}),
+                               decoder_ft_steps=500, n_eval=1000, features=("classifier",),
+                               families={"sit": {"model_args": '{"hidden_size": 256}'}}),
     "cpu-capacity-steps": dict(variants=("ae", "detok"), generators=("sit",), seeds=(0, 1), budgets=((1000, 3000),),
-                               n_eval=1000, n_inception=500),
+                               decoder_ft_steps=500, n_eval=1000, features=("classifier",)),
+    # The paper's corruption ablation (none / masking / noise / both; SiT and MAR; no decoder fine-tuning, as
+    # the paper's 50-epoch ablation tokenizers) at CPU scale, three seeds: `ldetok study ablation OUT` lays it
+    # out like the paper's table, with rFID. The budget is the largest that keeps the whole preset near 90
+    # minutes on a 2-core machine run as two 1-thread processes (`ldetok main --preset cpu-ablation --jobs 2`
+    # or --seeds/--variants per process): per (variant, seed) ~2.5 min tokenizer, ~3 min SiT, ~6 min MAR
+    # (MAR's DiffLoss trains at ~1.9x SiT's time per step, bench/RESULTS.md) and ~2 min of evaluation.
+    "cpu-ablation": dict(variants=("ae", "mask", "noise", "detok"), generators=("sit", "mar"), seeds=(0, 1, 2),
+                         budgets=((500, 750),), n_eval=1000, n_inception=250, features=("classifier", "inception")),
     # for tests: seconds
     "tiny": dict(variants=("ae", "detok"), generators=("sit",), budgets=((2, 2), (3, 3)), n_eval=16, n_inception=12,
                  features=("inception",), sample_steps=4,

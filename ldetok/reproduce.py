@@ -287,9 +287,18 @@ def _recon_file(out: Path, tag: str) -> Path:
     return out / "eval" / f"recon_{tag}.json"
 
 
-def _gen_file(out: Path, fam: str, tag: str, gen_steps: int) -> Path:
-    """The generation results of generator family ``fam``'s samples rendered by the decoder ``tag``."""
-    return out / "eval" / f"gen_{fam}_{tag}_g{gen_steps}.json"
+def generator_label(P: ReproduceConfig, fam: str, gen_over: Dict) -> str:
+    """Generator family ``fam``'s name in run folders, result files and result rows: the family, followed
+    by its constructor arguments where ``model_args`` sets any (``sit-hidden_size256``). Generators of
+    another size trained on the same tokenizers so get folders of their own, and one ``--out`` can hold
+    both (the capacity presets reuse the map's tokenizers this way)."""
+    args = json.loads(generator_config(P, fam, "<tokenizer>", 0, 0, gen_over).model_args or "{}")
+    return "-".join([fam] + [f"{k}{v}".replace(" ", "") for k, v in sorted(args.items())])
+
+
+def _gen_file(out: Path, label: str, tag: str, gen_steps: int) -> Path:
+    """The generation results of generator ``label``'s samples rendered by the decoder ``tag``."""
+    return out / "eval" / f"gen_{label}_{tag}_g{gen_steps}.json"
 
 
 def _result_row(v: str, fam: str, seed: int, tok_steps: int, gen_steps: int, ft: Optional[int], rec: dict,
@@ -377,7 +386,7 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, ft: int, seed: int, gen_evals
 
 def _generator_stage(R: _Run, fam: str, tag: str, tok_dir: Path, seed: int, gen_steps: int) -> Path:
     """Train (or find) generator family ``fam`` on the tokenizer in ``tok_dir``; returns its folder."""
-    gdir = R.out / "generators" / f"{fam}_{tag}_g{gen_steps}"
+    gdir = R.out / "generators" / f"{generator_label(R.P, fam, R.gen_over)}_{tag}_g{gen_steps}"
     cfg = generator_config(R.P, fam, str(tok_dir), seed, gen_steps, R.gen_over)
     R.stage(f"generator {fam} on {tag} ({gen_steps or 'preset'} steps)", gdir / "generator" / "generator.json",
             gen_steps, lambda: train_generator(cfg, gdir))
@@ -505,7 +514,8 @@ def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) ->
               "trained on it separately")
     decoders = toks if shared else toks[-1:]
     gen_dir, gen_tag = decoders[0][0], decoders[0][1]
-    evals = {(fam, tag): _gen_file(R.out, fam, tag, gen_steps) for fam in P.generators for _, tag, _ in decoders}
+    labels = {fam: generator_label(P, fam, R.gen_over) for fam in P.generators}
+    evals = {(fam, tag): _gen_file(R.out, labels[fam], tag, gen_steps) for fam in P.generators for _, tag, _ in decoders}
     # every decoder's reconstruction features are needed while any of the evaluations is missing
     recs = [_recon_stage(R, d, tag, ft, seed, {str(q): q for q in evals.values()}) for d, tag, ft in decoders]
     n = recs[0][2]
@@ -522,21 +532,23 @@ def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) ->
                 R.save(p, ev)
         R.prog.end(t, skipped)
         for (_, _, ft), (rec, _, _), ev in zip(decoders, recs, evs):
-            rows.append(_result_row(v, fam, seed, tok_steps, gen_steps, ft if R.ft_steps else None, rec, ev))
+            rows.append(_result_row(v, labels[fam], seed, tok_steps, gen_steps, ft if R.ft_steps else None, rec, ev))
     return rows
 
 
-def collect_rows(P: ReproduceConfig, out: Path, seeds, variants, budgets, ft_steps: int) -> Tuple[List[dict], List[str]]:
+def collect_rows(P: ReproduceConfig, out: Path, seeds, variants, budgets, ft_steps: int,
+                 gen_over: Dict) -> Tuple[List[dict], List[str]]:
     """The result rows of every finished (budget, seed, variant, generator, decoder) in ``out``, read from
     its ``eval/`` files as ``reproduce`` writes them, and the tags of those not finished; trains nothing."""
     rows, missing = [], []
     for (tok_steps, gen_steps), seed, v, fam in itertools.product(budgets, seeds, variants, P.generators):
+        label = generator_label(P, fam, gen_over)
         for tag, ft in tokenizer_tags(v, seed, tok_steps, ft_steps):
-            rec, ev = _done(_recon_file(out, tag)), _done(_gen_file(out, fam, tag, gen_steps))
+            rec, ev = _done(_recon_file(out, tag)), _done(_gen_file(out, label, tag, gen_steps))
             if rec is None or ev is None:
-                missing.append(f"{fam}_{tag}_g{gen_steps}")
+                missing.append(f"{label}_{tag}_g{gen_steps}")
             else:
-                rows.append(_result_row(v, fam, seed, tok_steps, gen_steps, ft if ft_steps else None, rec, ev))
+                rows.append(_result_row(v, label, seed, tok_steps, gen_steps, ft if ft_steps else None, rec, ev))
     return rows, missing
 
 
@@ -596,7 +608,7 @@ def reproduce(preset: str, out, seeds: Optional[Sequence[int]] = None, variants:
         print(protocol_table(P, preset, variants, budgets, ft_steps, tok_over, gen_over))
         return []
     if collect:
-        rows, missing = collect_rows(P, Path(out), seeds, variants, budgets, ft_steps)
+        rows, missing = collect_rows(P, Path(out), seeds, variants, budgets, ft_steps, gen_over)
         print(f"{len(rows)} finished result rows; {len(missing)} not finished" +
               (f": {', '.join(missing)}" if missing else ""))
         if rows:

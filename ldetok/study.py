@@ -4,6 +4,8 @@ against the γ=0/M=0 baseline on seeds that played no part in the choice.
 
     ldetok study map runs/study/map --out figures/study            # heatmaps, ranking, per-seed CSV
     ldetok study confirm runs/study/heldout --candidate mask --out figures/study
+    ldetok study ablation runs/study/ablation --out figures/study       # the four-variant table
+    ldetok study capacity runs/study/capacity/* --out figures/study    # AE vs l-DeTok under bigger generators
 
 Rows are ``reproduce`` result rows (``explore.load_results``); a variant's γ and M come from its name
 (``config.variant_settings``). The rule of the confirmation: the candidate beats the baseline only where
@@ -22,7 +24,8 @@ from .config import variant_settings
 from .explore import better, load_results, metric_label
 from .reproduce import parse_budgets, variant_label
 
-__all__ = ["load_rows", "map_cells", "plot_map", "ranking", "confirm", "write_rows", "MAP_METRICS"]
+__all__ = ["load_rows", "map_cells", "plot_map", "ranking", "confirm", "write_rows", "study_ablation", "capacity_table",
+           "study_capacity", "MAP_METRICS", "CAPACITY_METRICS", "PAPER_ABLATION"]
 
 # the map's panels: the samples against real images, the reconstruction ceiling, the samples against the
 # tokenizer's own reconstructions (modelability) and the generator's loss
@@ -164,7 +167,8 @@ def write_rows(rows: Sequence[dict], path, columns: Sequence[str]) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
-        for r in sorted(rows, key=lambda r: (r["gamma"], r["max_mask_ratio"], r["noise_type"], r["ft"], r["seed"])):
+        for r in sorted(rows, key=lambda r: (r["gamma"], r["max_mask_ratio"], r["noise_type"], r["ft"],
+                                             r.get("generator", ""), r["seed"])):
             w.writerow(r)
     return path
 
@@ -223,10 +227,113 @@ def study_confirm(sources, out, candidate: str, baseline: str = "ae", metrics: S
     return res
 
 
+# the paper's corruption ablation (DeTok-SB 50 epochs; MAR-B / SiT-B 100 epochs; FID-50K with CFG), beside ours
+PAPER_ABLATION = {"ae": ("Baseline (no corruption)", 3.31, 6.97), "mask": ("Masking only", 2.90, 6.43),
+                  "noise": ("Latent noise only", 2.77, 5.56), "detok": ("Joint (noise + masking)", 2.65, 5.50)}
+
+
+def _cell(vals: Sequence[float]) -> str:
+    st = _stats(vals)
+    return f"{_fmt(st['mean'])} ± {_fmt(st['std'])}" if st["n"] > 1 else _fmt(st["mean"])
+
+
+def study_ablation(sources, out, name: str = "ablation", budget=None) -> str:
+    """The four-variant corruption ablation laid out like the paper's table (one row per setting, gFID per
+    generator family), with the reconstruction (rFID) the paper does not report, mean ± std over seeds;
+    ``OUT/NAME.md`` and the per-seed ``OUT/NAME.csv`` (one row per variant, seed and generator). Each
+    distance is given in every feature space the runs measured (Inception: rFID/gFID; classifier)."""
+    rows = [r for r in load_rows(sources, budget) if r["variant"] in PAPER_ABLATION]
+    if not rows:
+        raise ValueError(f"no rows of the variants {', '.join(PAPER_ABLATION)} in {', '.join(map(str, sources))}")
+    spaces = [sp for sp in ("inception", "classifier") if any(isinstance(r.get(f"fd_gen_real[{sp}]"), float) for r in rows)]
+    gens = list(dict.fromkeys(r["generator"] for r in rows))
+    by = lambda v, g=None: [r for r in rows if r["variant"] == v and (g is None or r["generator"] == g)]
+    cols = [f"rFID [{sp}]" for sp in spaces] + [f"{g} gFID [{sp}]" for g in gens for sp in spaces] + \
+        [f"{g} gen loss" for g in gens]
+    budgets = sorted({(r["tok_steps"], r["gen_steps"]) for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"# The corruption ablation at CPU scale: tokenizer/generator steps {', '.join(f'{a}/{b}' for a, b in budgets)}, "
+             f"seeds {','.join(map(str, seeds))}", "",
+             "Mean ± std over seeds (population std). rFID: reconstructions of the test images against the test images; "
+             "gFID: class-balanced samples against the test images. [inception]: FID-Inception pool3; [classifier]: a "
+             "Fashion-MNIST CNN's features (not comparable with Inception distances). Lower is better. The paper's "
+             "columns are its ImageNet-256 numbers (DeTok-SB 50 epochs, MAR-B / SiT-B 100 epochs, FID-50K with CFG), "
+             "for the ordering only.", "",
+             "| setup | " + " | ".join(cols) + " | paper MAR-B FID | paper SiT-B FID |", "|---" * (len(cols) + 3) + "|"]
+    for v, (label, mar, sit) in PAPER_ABLATION.items():
+        if not by(v):
+            continue
+        recon = {r["seed"]: r for r in by(v)}.values()  # one reconstruction per seed, whatever the generator
+        cells = [_cell([r[f"fd_recon_real[{sp}]"] for r in recon if isinstance(r.get(f"fd_recon_real[{sp}]"), float)])
+                 for sp in spaces]
+        cells += [_cell([r[f"fd_gen_real[{sp}]"] for r in by(v, g)]) if by(v, g) else "–" for g in gens for sp in spaces]
+        cells += [_cell([r["generator_loss"] for r in by(v, g)]) if by(v, g) else "–" for g in gens]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mar:.2f} | {sit:.2f} |")
+    metrics = [f"fd_recon_real[{sp}]" for sp in spaces] + [f"fd_gen_real[{sp}]" for sp in spaces] + ["generator_loss"]
+    write_rows(rows, Path(out) / f"{name}.csv", ["variant", "generator", "seed", "tok_steps", "gen_steps", "ft", *metrics])
+    text = "\n".join(lines) + "\n"
+    (Path(out) / f"{name}.md").write_text(text)
+    print(text)
+    return text
+
+
+CAPACITY_METRICS = ("fd_gen_real[classifier]", "fd_gen_recon[classifier]", "generator_loss")
+
+
+def capacity_table(rows: Sequence[dict], baseline: str = "ae", other: str = "detok",
+                   metrics: Sequence[str] = CAPACITY_METRICS) -> List[dict]:
+    """Per generator setting (name and steps) the two tokenizers' mean ± std of each metric over seeds and
+    the gap ``other`` minus ``baseline`` (the most fine-tuned decoder in the rows). A gap that shrinks as
+    the generator grows points to generator capacity; one that stays, to the latents' content."""
+    ft = max(r["ft"] for r in rows)
+    settings = sorted({(r["generator"], r["gen_steps"]) for r in rows}, key=lambda k: (k[1], len(k[0]), k[0]))
+    out = []
+    for gen, steps in settings:
+        sel = {v: [r for r in rows if r["variant"] == v and r["ft"] == ft and (r["generator"], r["gen_steps"]) == (gen, steps)]
+               for v in (baseline, other)}
+        if not all(sel.values()):
+            continue
+        entry = {"generator": gen, "gen_steps": steps, "ft": ft, "seeds": sorted({r["seed"] for r in sel[baseline]})}
+        for m in metrics:
+            b, o = (_stats([r[m] for r in sel[v] if isinstance(r.get(m), float)] or [float("nan")]) for v in (baseline, other))
+            entry[m] = {baseline: b, other: o, "gap": o["mean"] - b["mean"]}
+        out.append(entry)
+    if not out:
+        raise ValueError(f"no generator setting with rows of both {baseline} and {other}")
+    return out
+
+
+def study_capacity(sources, out, name: str = "capacity", baseline: str = "ae", other: str = "detok") -> List[dict]:
+    """The generator-capacity check (``OUT/NAME.md``, per-seed ``OUT/NAME.csv``): both tokenizers under each
+    generator setting found in ``sources`` (the default SiT, a wider one, more steps)."""
+    rows = [r for r in load_rows(sources) if r["variant"] in (baseline, other)]
+    table = capacity_table(rows, baseline, other)
+    b, o = variant_label(baseline), variant_label(other)
+    lines = [f"# Generator capacity: {b} against {o}", "",
+             f"Decoders fine-tuned {table[0]['ft']} steps; mean ± std over seeds (population std); gap = {o} minus {b} "
+             "(lower is better for every metric here).", "",
+             "| generator | steps | seeds | metric | " + f"{b} | {o} | gap |", "|---|---|---|---|---|---|---|"]
+    for e in table:
+        for m in CAPACITY_METRICS:
+            d = e[m]
+            lines.append(f"| {e['generator']} | {e['gen_steps']} | {','.join(map(str, e['seeds']))} | {metric_label(m)} | "
+                         f"{_fmt(d[baseline]['mean'])} ± {_fmt(d[baseline]['std'])} | "
+                         f"{_fmt(d[other]['mean'])} ± {_fmt(d[other]['std'])} | {d['gap']:+.3g} |")
+    write_rows(rows, Path(out) / f"{name}.csv", ["variant", "generator", "seed", "tok_steps", "gen_steps", "ft",
+                                                 *CAPACITY_METRICS])
+    (Path(out) / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return table
+
+
 def cmd_study(args) -> int:
     budget = parse_budgets(args.budget)[0] if args.budget else None
     if args.action == "map":
         study_map(args.sources, args.out, budget, args.metric or MAP_METRICS[0], args.name or "map")
+    elif args.action == "capacity":
+        study_capacity(args.sources, args.out, args.name or "capacity", args.baseline, args.candidate or "detok")
+    elif args.action == "ablation":
+        study_ablation(args.sources, args.out, args.name or "ablation", budget)
     else:
         if not args.candidate:
             raise ValueError("ldetok study confirm needs --candidate VARIANT")

@@ -250,6 +250,34 @@ def test_reproduce_with_decoder_finetuning_reuses_the_generator(tmp_path):
     assert (out / "samples" / "sit_detok_s0_t2_g2_ft2.png").is_file()
 
 
+def test_a_generator_of_another_size_reuses_the_tokenizers(tmp_path, capsys):
+    """A family override of ``model_args`` (the capacity presets' wider SiT) names the generator's folder,
+    result files and rows after the arguments, so it shares ``--out`` with the default-size generator:
+    the tokenizer is reused, both generators are kept and ``--collect`` finds each."""
+    out = tmp_path / "cap"
+    args = ["reproduce", "--preset", "tiny", "--variants", "ae", "--budgets", "2:2", "--out", str(out),
+            "--figures", str(tmp_path / "figs")]
+    assert cli(args) == 0
+    tok = out / "tokenizers" / "ae_s0_t2" / "tokenizer" / "model.safetensors"
+    before = (tok.stat().st_mtime_ns, tok.read_bytes())
+    capsys.readouterr()
+    wide = args + ["--gen-for", "sit", 'model_args={"hidden_size": 96, "depth": 2}']
+    assert cli(wide) == 0
+    said = capsys.readouterr().out
+    assert (tok.stat().st_mtime_ns, tok.read_bytes()) == before and "training detok_MM" not in said
+    assert sorted(p.name for p in (out / "generators").iterdir()) == ["sit-depth2-hidden_size96_ae_s0_t2_g2",
+                                                                      "sit_ae_s0_t2_g2"]
+    cfg = json.loads((out / "generators" / "sit-depth2-hidden_size96_ae_s0_t2_g2" / "config.json").read_text())
+    assert json.loads(cfg["model_args"]) == {"hidden_size": 96, "depth": 2}
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["generator"] for r in rows] == ["sit-depth2-hidden_size96"]
+    assert (out / "eval" / "gen_sit-depth2-hidden_size96_ae_s0_t2_g2.json").is_file()
+    assert (out / "eval" / "gen_sit_ae_s0_t2_g2.json").is_file()  # the default-size one's results are kept
+    assert cli(wide + ["--collect"]) == 0 and "1 finished result rows; 0 not finished" in capsys.readouterr().out
+    assert cli(args + ["--collect"]) == 0
+    assert [r["generator"] for r in csv.DictReader(open(out / "results.csv"))] == ["sit"]
+
+
 class _CountingFeatures(_MomentFeatures):
     """Moment features that count the images they see (the 'slow' space of the test below)."""
 

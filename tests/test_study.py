@@ -90,3 +90,45 @@ def test_study_command_writes_map_and_confirmation(tmp_path, capsys):
     assert "| beats |" in md and "51 ± 0.816" in md
     per_seed = list(csv.DictReader(open(out / "confirm.csv")))
     assert len(per_seed) == 6 and {r["seed"] for r in per_seed} == {"2", "3", "4"}
+
+
+def test_ablation_table_like_the_papers(tmp_path):
+    """One row per setting in the paper's order, gFID per generator family and the rFID beside, mean ± std
+    over seeds; the CSV keeps one row per variant, seed and generator."""
+    rows = [{**_row(v, s, fd + 10 * s, ft=0), "generator": g}
+            for v, fd in (("ae", 50.0), ("mask", 60.0), ("noise", 70.0), ("detok", 80.0))
+            for g in ("sit", "mar") for s in (0, 1, 2)]
+    for r in rows:
+        r["fd_gen_real[classifier]"] += 1.0 if r["generator"] == "mar" else 0.0
+    src = _csv(tmp_path / "runs" / "results.csv", rows)
+    assert cli(["study", "ablation", str(src), "--out", str(tmp_path / "fig")]) == 0
+    md = (tmp_path / "fig" / "ablation.md").read_text().splitlines()
+    head = next(line for line in md if line.startswith("| setup"))
+    assert head.split(" | ")[1:4] == ["rFID [classifier]", "sit gFID [classifier]", "mar gFID [classifier]"]
+    body = [line for line in md if line.startswith("| ") and not line.startswith(("| setup", "|---"))]
+    assert [line.split(" | ")[0] for line in body] == ["| Baseline (no corruption)", "| Masking only",
+                                                       "| Latent noise only", "| Joint (noise + masking)"]
+    std = f"{np.std([0.0, 10.0, 20.0]):.3g}"
+    cells = body[0].split(" | ")
+    assert cells[1] == f"30 ± {f'{np.std([0.0, 5.0, 10.0]):.3g}'}"  # rFID: fd/2 over seeds 0..2, once per seed
+    assert cells[2] == f"60 ± {std}" and cells[3] == f"61 ± {std}" and cells[-2:] == ["3.31", "6.97 |"]
+    per_seed = list(csv.DictReader(open(tmp_path / "fig" / "ablation.csv")))
+    assert len(per_seed) == 24 and per_seed[0]["variant"] == "ae" and per_seed[0]["generator"] == "mar"
+
+
+def test_capacity_gap_per_generator_setting(tmp_path):
+    rows = []
+    for gen, steps, shrink in (("sit", 1500, 1.0), ("sit-hidden_size256", 1500, 0.5), ("sit", 3000, 0.8)):
+        for s in (0, 1):
+            rows += [{**_row("ae", s, 50.0 + s, ft=500, steps=(1000, steps)), "generator": gen},
+                     {**_row("detok", s, 50.0 + s + 60.0 * shrink, ft=500, steps=(1000, steps)), "generator": gen},
+                     {**_row("detok", s, 999.0, ft=0, steps=(1000, steps)), "generator": gen}]  # untuned: ignored
+    src = _csv(tmp_path / "runs" / "results.csv", rows)
+    table = study.capacity_table(study.load_rows([src]))
+    got = [(e["generator"], e["gen_steps"], e["fd_gen_real[classifier]"]["gap"]) for e in table]
+    assert got == [("sit", 1500, 60.0), ("sit-hidden_size256", 1500, 30.0), ("sit", 3000, 48.0)]
+    assert table[0]["fd_gen_real[classifier]"]["ae"] == {"mean": 50.5, "std": 0.5, "n": 2}
+    assert cli(["study", "capacity", str(src), "--out", str(tmp_path / "fig")]) == 0
+    md = (tmp_path / "fig" / "capacity.md").read_text()
+    assert "| sit-hidden_size256 | 1500 | 0,1 |" in md and "+30" in md
+    assert len(list(csv.DictReader(open(tmp_path / "fig" / "capacity.csv")))) == 18
