@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -226,12 +227,31 @@ def cmd_reproduce(args) -> int:
             raise ValueError(f"--gen-for {' '.join(item)}: expected a family (or generator name) and KEY=VALUE settings, "
                              "e.g. --gen-for mar num_iter_final=256")
         families.setdefault(item[0], {}).update(parse_family_settings(item[1:]))
+    if args.jobs is not None and not (args.collect or args.dry_run):
+        _reproduce_side_by_side(args, variants)
     reproduce(args.preset, args.out, seeds=seeds, variants=variants, device=args.device, figures_dir=args.figures,
               budgets=budgets, tok_overrides=tok_over, gen_overrides=gen_over, decoder_ft_steps=args.decoder_ft,
               guidance_scales=_numbers("--cfg-search", args.cfg_search, float, 0.0) if args.cfg_search else None,
               n_search=args.n_search, families=families, reference=args.reference or None, dry_run=args.dry_run,
               collect=args.collect)
     return 0
+
+
+def _reproduce_side_by_side(args, variants) -> None:
+    """``reproduce --jobs N``: the variants' pipelines in N processes first (``side_by_side``); the caller's
+    own reproduce then finds every stage done and writes the results."""
+    from .config import resolve_reproduce_config
+    from .side_by_side import child_arguments, parallel_jobs, run_side_by_side
+
+    P = resolve_reproduce_config(args.preset)
+    variants = variants or list(P.variants)
+    jobs = parallel_jobs(args.jobs, len(variants), args.device)
+    if jobs > 1:
+        # each child writes its partial results' figures aside; the caller draws the whole study's
+        own = args.argv[args.argv.index("reproduce") + 1:]
+        run_side_by_side(child_arguments(own, ("--jobs", "--variants", "--figures")) +
+                         ["--figures", str(Path(args.out) / "logs" / "figures")],
+                         variants, Path(args.out), P.features, jobs, args.device)
 
 
 def cmd_study(args) -> int:
@@ -380,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--collect", action="store_true",
                    help="write results.* from the finished stages only (e.g. while other processes still run); "
                         "start nothing, list what is not finished")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="variant pipelines side by side, each in its own process at CPUs/N threads (logs in "
+                        "OUT/logs/); default: one process")
     s.add_argument("--dry-run", action="store_true", help="print every protocol value per variant and family, run nothing")
     s.add_argument("--device", default="auto")
     s.add_argument("--figures", default="figures")
@@ -432,7 +455,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     # key=value overrides may come before or after options (argparse stops a '*' positional at the
     # first option), so unknown key=value tokens are collected as overrides too.
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if hasattr(args, "overrides"):
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]

@@ -11,9 +11,6 @@ Every stage resumes: running it again reuses finished runs. The two tokenizers a
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -22,10 +19,9 @@ import torch
 
 from .data import build_dataset
 from .config import resolve_reproduce_config
-from .engine.common import usable_cpus
-from .engine.distributed import is_distributed, resolve_device
-from .reproduce import LABELS, headline_table, reproduce, tokenizer_tags, variant_label, warm_extractors
+from .reproduce import LABELS, headline_table, reproduce, tokenizer_tags, variant_label
 from .runs import load_tokenizer, run_corruption, run_train_config
+from .side_by_side import parallel_jobs, run_side_by_side
 from .viz import plot_corruption_sweeps, save_grid
 
 __all__ = ["run_main_job", "headline_table"]
@@ -46,13 +42,14 @@ def _link(target: Path, link: Path) -> None:
 def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: str = "auto",
                  jobs: Optional[int] = None) -> List[dict]:
     """The reproduction (each variant's pipeline in its own process when ``jobs`` > 1, see
-    ``parallel_jobs``), then the figures and the table."""
+    ``side_by_side``), then the figures and the table."""
     out, figures = Path(out), Path(figures_dir)
     t0 = time.time()
     P = resolve_reproduce_config(preset)
     jobs = parallel_jobs(jobs, len(P.variants), device)
     if jobs > 1:
-        _variants_side_by_side(preset, P, out, jobs, device)
+        run_side_by_side(["--preset", preset, "--out", str(out), "--device", device, "--figures",
+                          str(out / "logs" / "figures")], P.variants, out, P.features, jobs, device)
     rows = reproduce(preset, out, device=device, figures_dir=figures)  # with jobs > 1: every stage found done
 
     # ---- figures from the largest budget's tokenizers and samples (first seed) ----------------
@@ -93,65 +90,6 @@ def run_main_job(out, preset: str = "cpu-quick", figures_dir="figures", device: 
     print(table)
     print("\n" + note)
     return rows
-
-
-def parallel_jobs(jobs: Optional[int], n_variants: int, device: str = "auto") -> int:
-    """How many variant pipelines run side by side: ``jobs`` when given, else (None) one per variant up to
-    the usable CPUs on a CPU run (with the CPUs shared among them), and 1 on a GPU or under torchrun.
-    On this project's 2-core machine two 1-thread processes train the small CPU models ~20% faster than
-    one 2-thread process (tokenizer, 150 steps each: 46 s side by side against 58 s one after the other)."""
-    if jobs is not None:
-        if jobs < 1:
-            raise ValueError(f"--jobs must be >= 1, got {jobs}")
-        return min(jobs, n_variants)
-    if resolve_device(device).type != "cpu" or is_distributed() or os.environ.get("WORLD_SIZE", "1") != "1":
-        return 1
-    return max(1, min(n_variants, usable_cpus()))
-
-
-def _variants_side_by_side(preset: str, P, out: Path, jobs: int, device: str) -> None:
-    """Every stage of each group of variants in its own ``ldetok reproduce`` process at CPUs/jobs threads.
-    The feature extractors are prepared first, here (the classifier trained, the Inception weights
-    converted), so the processes only read their caches. Each process's output goes to
-    ``OUT/logs/<variants>.log``; its stage lines are shown here, prefixed with its variants, and its log's
-    end when it fails."""
-    warm_extractors(P.features, device)
-    variants = list(P.variants)
-    threads = max(1, usable_cpus() // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    procs = []
-    for group in (variants[i::jobs] for i in range(jobs)):
-        name = ",".join(group)
-        log = out / "logs" / f"reproduce_{'_'.join(group)}.log"
-        cmd = [sys.executable, "-m", "ldetok.cli", "reproduce", "--preset", preset, "--out", str(out),
-               "--variants", name, "--device", device, "--figures", str(out / "logs" / "figures")]
-        print(f"[{name}] {' '.join(cmd[2:])} at {threads} thread(s), log: {log}", flush=True)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        relay = threading.Thread(target=_relay, args=(proc, name, log), daemon=True)
-        relay.start()
-        procs.append((name, log, proc, relay))
-    failed = []
-    for name, log, proc, relay in procs:
-        proc.wait()
-        relay.join()
-        if proc.returncode:
-            failed.append(name)
-            tail = log.read_text(errors="replace").splitlines()[-25:]
-            print(f"[{name}] FAILED (exit {proc.returncode}); the end of {log}:\n" + "\n".join(tail), flush=True)
-    if failed:
-        raise RuntimeError(f"the pipeline of {', '.join(failed)} failed (see above); running the job again resumes "
-                           "every finished stage")
-
-
-def _relay(proc, name: str, log: Path) -> None:
-    """Copy a child's output into its log; show its stage lines here."""
-    with open(log, "a") as f:
-        for line in proc.stdout:
-            f.write(line)
-            f.flush()
-            if "| stage " in line or line.startswith(("ldetok reproduce: threads", "Traceback")):
-                print(f"[{name}] {line.rstrip()}", flush=True)
 
 
 def _compared(P) -> str:

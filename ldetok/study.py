@@ -5,7 +5,7 @@ against the γ=0/M=0 baseline on seeds that played no part in the choice.
     ldetok study map runs/study/map --out figures/study            # heatmaps, ranking, per-seed CSV
     ldetok study confirm runs/study/heldout --candidate mask --out figures/study
     ldetok study ablation runs/study/ablation --out figures/study       # the four-variant table
-    ldetok study capacity runs/study/capacity/* --out figures/study    # AE vs l-DeTok under bigger generators
+    ldetok study capacity runs/study/map --out figures/study           # AE vs l-DeTok under bigger generators
 
 Rows are ``reproduce`` result rows (``explore.load_results``); a variant's γ and M come from its name
 (``config.variant_settings``). The rule of the confirmation: the candidate beats the baseline only where
@@ -15,17 +15,18 @@ the held-out means differ, in the better direction, by more than both standard d
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import variant_settings
+from .config import resolve_reproduce_config, variant_settings
 from .explore import better, load_results, metric_label
-from .reproduce import parse_budgets, variant_label
+from .reproduce import collect_rows, parse_budgets, variant_label
 
 __all__ = ["load_rows", "map_cells", "plot_map", "ranking", "confirm", "write_rows", "study_ablation", "capacity_table",
-           "study_capacity", "MAP_METRICS", "CAPACITY_METRICS", "PAPER_ABLATION"]
+           "study_capacity", "capacity_rows", "MAP_METRICS", "CAPACITY_METRICS", "PAPER_ABLATION"]
 
 # the map's panels: the samples against real images, the reconstruction ceiling, the samples against the
 # tokenizer's own reconstructions (modelability) and the generator's loss
@@ -43,10 +44,7 @@ def load_rows(sources: Sequence, budget: Optional[Tuple[int, int]] = None) -> Li
         for r in load_results(src):
             if budget and (int(r["tok_steps"]), int(r["gen_steps"])) != tuple(budget):
                 continue
-            st = variant_settings(r["variant"])
-            counts = {k: int(r[k]) for k in _INTEGERS if r.get(k) is not None}
-            r = {**r, **counts, "gamma": st["gamma"], "max_mask_ratio": st["max_mask_ratio"],
-                 "noise_type": st.get("noise_type", "interpolative"), "ft": counts.get("decoder_ft_steps", 0)}
+            r = _with_settings(r)
             key = (r["variant"], r["seed"], r["tok_steps"], r["gen_steps"], r["ft"], r["generator"])
             if key in seen:
                 raise ValueError(f"{src}: the run {key} is also in {seen[key]}: count each run once")
@@ -55,6 +53,15 @@ def load_rows(sources: Sequence, budget: Optional[Tuple[int, int]] = None) -> Li
     if not rows:
         raise ValueError(f"no result rows in {', '.join(map(str, sources))}" + (f" at budget {budget}" if budget else ""))
     return rows
+
+
+def _with_settings(r: dict) -> dict:
+    """A result row with its integer columns as integers, the variant's ``gamma``, ``max_mask_ratio`` and
+    ``noise_type``, and ``ft`` (decoder fine-tuning steps, 0 for none)."""
+    st = variant_settings(r["variant"])
+    counts = {k: int(r[k]) for k in _INTEGERS if r.get(k) is not None}
+    return {**r, **counts, "gamma": st["gamma"], "max_mask_ratio": st["max_mask_ratio"],
+            "noise_type": st.get("noise_type", "interpolative"), "ft": counts.get("decoder_ft_steps", 0)}
 
 
 def _stats(vals: Sequence[float]) -> dict:
@@ -277,6 +284,7 @@ def study_ablation(sources, out, name: str = "ablation", budget=None) -> str:
     return text
 
 
+CAPACITY_PRESETS = ("cpu-capacity-width", "cpu-capacity-steps")
 CAPACITY_METRICS = ("fd_gen_real[classifier]", "fd_gen_recon[classifier]", "generator_loss")
 
 
@@ -303,10 +311,29 @@ def capacity_table(rows: Sequence[dict], baseline: str = "ae", other: str = "det
     return out
 
 
+def capacity_rows(out, presets: Sequence[str] = CAPACITY_PRESETS) -> List[dict]:
+    """The finished rows of the capacity check in the reproduce folder ``out`` (read from its ``eval/``
+    files, nothing started): each capacity preset's, and the baseline's, the first preset's tokenizers
+    and budget under the default generator (the cpu-map rows when ``out`` holds the map)."""
+    configs = [resolve_reproduce_config(p) for p in presets]
+    configs.insert(0, replace(configs[0], families={}))
+    rows = []
+    for P in configs:
+        got, _ = collect_rows(P, Path(out), P.seeds, P.variants, P.budgets, P.decoder_ft_steps, P.gen_overrides)
+        rows += [_with_settings(r) for r in got]
+    if not rows:
+        raise ValueError(f"{out}: no finished run of the capacity presets ({', '.join(presets)}) or their baseline")
+    return rows
+
+
 def study_capacity(sources, out, name: str = "capacity", baseline: str = "ae", other: str = "detok") -> List[dict]:
     """The generator-capacity check (``OUT/NAME.md``, per-seed ``OUT/NAME.csv``): both tokenizers under each
-    generator setting found in ``sources`` (the default SiT, a wider one, more steps)."""
-    rows = [r for r in load_rows(sources) if r["variant"] in (baseline, other)]
+    generator setting found in ``sources`` (the default SiT, a wider one, more steps). A source is a
+    results CSV, or a reproduce folder that the capacity presets ran in (``capacity_rows``)."""
+    rows = []
+    for src in sources:
+        rows += capacity_rows(src) if Path(src).is_dir() else load_rows([src])
+    rows = [r for r in rows if r["variant"] in (baseline, other)]
     table = capacity_table(rows, baseline, other)
     b, o = variant_label(baseline), variant_label(other)
     lines = [f"# Generator capacity: {b} against {o}", "",

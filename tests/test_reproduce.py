@@ -177,18 +177,46 @@ def test_main_job_tiny(tmp_path, capsys):
 
 
 def test_parallel_jobs(monkeypatch):
-    from ldetok import main_job
+    from ldetok import side_by_side as sbs
 
-    monkeypatch.setattr(main_job, "usable_cpus", lambda: 2)
-    assert main_job.parallel_jobs(None, 2, "cpu") == 2 and main_job.parallel_jobs(None, 4, "cpu") == 2
-    assert main_job.parallel_jobs(3, 2, "cpu") == 2 and main_job.parallel_jobs(1, 2, "cpu") == 1
-    monkeypatch.setattr(main_job, "usable_cpus", lambda: 1)
-    assert main_job.parallel_jobs(None, 2, "cpu") == 1
-    monkeypatch.setattr(main_job, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(sbs, "usable_cpus", lambda: 2)
+    assert sbs.parallel_jobs(None, 2, "cpu") == 2 and sbs.parallel_jobs(None, 4, "cpu") == 2
+    assert sbs.parallel_jobs(3, 2, "cpu") == 2 and sbs.parallel_jobs(1, 2, "cpu") == 1
+    monkeypatch.setattr(sbs, "usable_cpus", lambda: 1)
+    assert sbs.parallel_jobs(None, 2, "cpu") == 1
+    monkeypatch.setattr(sbs, "usable_cpus", lambda: 8)
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: one pipeline, every rank in it
-    assert main_job.parallel_jobs(None, 2, "cpu") == 1
+    assert sbs.parallel_jobs(None, 2, "cpu") == 1
     with pytest.raises(ValueError, match="--jobs"):
-        main_job.parallel_jobs(0, 2, "cpu")
+        sbs.parallel_jobs(0, 2, "cpu")
+
+
+def test_child_arguments_drop_the_parents_own_options():
+    from ldetok.side_by_side import child_arguments
+
+    argv = ["--preset", "tiny", "--jobs", "2", "--variants=ae,detok", "--seeds", "0,1", "--figures", "f", "--jobs=3"]
+    assert child_arguments(argv) == ["--preset", "tiny", "--seeds", "0,1", "--figures", "f"]
+    assert child_arguments(argv, ("--jobs", "--variants", "--figures")) == ["--preset", "tiny", "--seeds", "0,1"]
+
+
+@pytest.mark.slow
+def test_reproduce_jobs_runs_variants_side_by_side(tmp_path, capsys):
+    """``reproduce --jobs 2``: each variant's pipelines (every seed) in its own process with its own log,
+    the command line's other options passed on; the caller then tabulates every row, training nothing."""
+    out, figs = tmp_path / "jobs", tmp_path / "figs"
+    assert cli(["reproduce", "--preset", "tiny", "--budgets", "2:2", "--seeds", "0,1", "--out", str(out),
+                "--figures", str(figs), "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "[ae] ldetok.cli reproduce --preset tiny --budgets 2:2 --seeds 0,1 --out" in printed
+    assert "--figures " + str(out / "logs" / "figures") in printed and "at 1 thread(s)" in printed
+    for v in ("ae", "detok"):
+        log = (out / "logs" / f"reproduce_{v}.log").read_text()
+        assert log.count("training detok_MM") == 2 and "seed 1" in log  # both seeds, in this variant's process
+    after = printed[printed.index("[detok]"):]
+    assert "training detok_MM" not in printed and "training sit" not in after  # the caller trained nothing
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted((r["variant"], r["seed"]) for r in rows) == [("ae", "0"), ("ae", "1"), ("detok", "0"), ("detok", "1")]
+    assert "seeds [0, 1]" in (out / "results.md").read_text()
 
 
 def test_headline_table_averages_seeds():

@@ -132,3 +132,26 @@ def test_capacity_gap_per_generator_setting(tmp_path):
     md = (tmp_path / "fig" / "capacity.md").read_text()
     assert "| sit-hidden_size256 | 1500 | 0,1 |" in md and "+30" in md
     assert len(list(csv.DictReader(open(tmp_path / "fig" / "capacity.csv")))) == 18
+
+
+def test_capacity_rows_read_the_reproduce_folder(tmp_path):
+    """``study capacity OUT`` reads the capacity presets' finished stages and their baseline (the default
+    SiT on the same tokenizers) from OUT's eval files, as ``reproduce --collect`` would; unfinished ones
+    are left out."""
+    import json
+
+    ev = tmp_path / "map" / "eval"
+    ev.mkdir(parents=True)
+    for v, base in (("ae", 50.0), ("detok", 110.0)):
+        for tag, ft in ((f"{v}_s0_t1000", 0), (f"{v}_s0_t1000_ft500", 500)):
+            (ev / f"recon_{tag}.json").write_text(json.dumps({"psnr": 25.0, "fd_recon_real[classifier]": base / 3}))
+            for gen, steps, fd in (("sit", 1500, base), ("sit-hidden_size256", 1500, base - 10), ("sit", 3000, base - 5)):
+                if not (v == "detok" and steps == 3000):  # not finished yet
+                    (ev / f"gen_{gen}_{tag}_g{steps}.json").write_text(json.dumps(
+                        {"fd_gen_real[classifier]": fd - ft / 100, "fd_gen_recon[classifier]": 5.0, "generator_loss": 1.0}))
+    rows = study.capacity_rows(tmp_path / "map")
+    assert len(rows) == 10 and {r["ft"] for r in rows} == {0, 500}
+    table = study.capacity_table(rows)
+    assert [(e["generator"], e["gen_steps"], e["fd_gen_real[classifier]"]["gap"]) for e in table] == \
+        [("sit", 1500, 60.0), ("sit-hidden_size256", 1500, 60.0)]  # the 3000-step setting lacks l-DeTok
+    assert table[0]["fd_gen_real[classifier]"]["ae"]["mean"] == 45.0  # the tuned decoder's row
