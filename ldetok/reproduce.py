@@ -36,7 +36,8 @@ import torch
 from .config import (GeneratorTrainConfig, ReproduceConfig, TokenizerTrainConfig, resolve_generator_config,
                      resolve_reproduce_config, resolve_tokenizer_config, variant_settings)
 from .data import build_dataset, from_uint8, to_uint8
-from .engine.distributed import barrier, broadcast_object, cleanup, gather_objects, init_distributed, is_distributed, resolve_device
+from .engine.distributed import (barrier, broadcast_object, cleanup, gather_objects, init_distributed, is_distributed,
+                                 resolve_device)
 from .engine.generator_trainer import train_generator
 from .engine.stats import fetch_batch
 from .engine.tokenizer_trainer import train_tokenizer
@@ -50,7 +51,8 @@ from .runs import atomic_write_text, load_generator_run, load_tokenizer, run_tra
 from .sampling import generate_images
 from .viz import save_grid
 
-__all__ = ["reproduce", "headline_table", "parse_budgets", "warm_extractors", "tokenizer_tags", "tokenizer_config", "generator_config", "protocol_table"]
+__all__ = ["reproduce", "headline_table", "parse_budgets", "warm_extractors", "tokenizer_tags", "tokenizer_config",
+           "generator_config", "generator_label", "collect_rows", "protocol_table"]
 
 PAPER_VARIANTS = {"ae": "γ=0, M=0", "mask": "masking only (M=0.7)", "noise": "noise only (γ=3)",
                   "detok": "noise + masking (l-DeTok)"}
