@@ -249,6 +249,14 @@ def test_progress_estimate_charges_each_kind_its_measured_rate(monkeypatch, caps
     assert "stage 3/4" in capsys.readouterr().out
 
 
+def _tiny_run(out, variant):
+    """One tiny reproduction (one variant, budget 2:2) in ``out``; its folder and command line."""
+    args = ["reproduce", "--preset", "tiny", "--variants", variant, "--budgets", "2:2", "--out", str(out),
+            "--figures", str(out.parent / "figs")]
+    assert cli(args) == 0
+    return out, args
+
+
 @pytest.mark.slow
 def test_reproduce_with_decoder_finetuning_reuses_the_generator(tmp_path):
     """--decoder-ft after a finished run: the decoder-tuned tokenizer shares its parent's encoder and
@@ -256,10 +264,7 @@ def test_reproduce_with_decoder_finetuning_reuses_the_generator(tmp_path):
     are decoded by both decoders, reported side by side."""
     from ldetok.runs import load_tokenizer
 
-    out = tmp_path / "ft"
-    args = ["reproduce", "--preset", "tiny", "--variants", "detok", "--budgets", "2:2", "--out", str(out),
-            "--figures", str(tmp_path / "figs")]
-    assert cli(args) == 0
+    out, args = _tiny_run(tmp_path / "ft", "detok")
     gen_json = out / "generators" / "sit_detok_s0_t2_g2" / "generator" / "generator.json"
     before = (gen_json.stat().st_mtime_ns, gen_json.read_bytes())
     assert cli(args + ["--decoder-ft", "2"]) == 0
@@ -282,10 +287,7 @@ def test_a_generator_of_another_size_reuses_the_tokenizers(tmp_path, capsys):
     """A family override of ``model_args`` (the capacity presets' wider SiT) names the generator's folder,
     result files and rows after the arguments, so it shares ``--out`` with the default-size generator:
     the tokenizer is reused, both generators are kept and ``--collect`` finds each."""
-    out = tmp_path / "cap"
-    args = ["reproduce", "--preset", "tiny", "--variants", "ae", "--budgets", "2:2", "--out", str(out),
-            "--figures", str(tmp_path / "figs")]
-    assert cli(args) == 0
+    out, args = _tiny_run(tmp_path / "cap", "ae")
     tok = out / "tokenizers" / "ae_s0_t2" / "tokenizer" / "model.safetensors"
     before = (tok.stat().st_mtime_ns, tok.read_bytes())
     capsys.readouterr()
