@@ -257,6 +257,21 @@ def test_manager_keep_n_and_milestones(tmp_path):
         CheckpointManager(tmp_path, keep=0)
 
 
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
+    """A process killed while writing a checkpoint, the manifest or the latest.json pointer leaves its temp
+    file; the next save removes every such leftover (and nothing else)."""
+    mgr = CheckpointManager(tmp_path, keep=2)
+    mgr.save(1, {"step": 1})
+    left = [tmp_path / ".ckpt_000000002.pt.ab12.tmp", tmp_path / ".manifest.json.cd34.tmp",
+            tmp_path / ".latest.json.ef56.tmp"]
+    for p in left:
+        p.write_text("partial")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    mgr.save(2, {"step": 2})
+    assert not any(p.exists() for p in left) and (tmp_path / "notes.tmp").exists()
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
+
+
 def test_auto_resume_skips_corrupt_newest(tmp_path):
     mgr = CheckpointManager(tmp_path, keep=3)
     assert mgr.auto_resume() == (None, None)

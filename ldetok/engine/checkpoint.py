@@ -189,7 +189,7 @@ class CheckpointManager:
         ``latest.json`` pointer, then prune. ``finite``: whether its weights are finite (see ``_prune``)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}.")
-        self._remove_stale_temps()
+        self.remove_stale_temps()
         files = self.read_manifest()
         present = {p.name for p in self.list()}
         if files is None:  # the first manifest of this folder: what is there already stays, unverified
@@ -228,11 +228,12 @@ class CheckpointManager:
         if removed:
             self._write_manifest(files)
 
-    def _remove_stale_temps(self) -> None:
-        # Leftovers from a run killed mid-save (checkpoints: multi-GB each; the manifest); only the writing rank
-        # calls this.
+    def remove_stale_temps(self) -> None:
+        """Remove what a run killed mid-save left: checkpoint temps (multi-GB each), the manifest's and the
+        latest.json pointer's. Only the writing rank calls this (before each save, and on resume)."""
         if self.dir.is_dir():
-            for p in [*self.dir.glob(".ckpt_*.pt.*.tmp"), *self.dir.glob(".manifest.json.*.tmp")]:
+            for p in [*self.dir.glob(".ckpt_*.pt.*.tmp"), *self.dir.glob(".manifest.json.*.tmp"),
+                      *self.dir.glob(".latest.json.*.tmp")]:
                 try:
                     p.unlink()
                 except OSError:

@@ -176,6 +176,8 @@ def restore_rng_states(rngs: list, dist: DistInfo, gen: torch.Generator, log: Ca
 def load_resume_state(ckpts, cfg, dist: DistInfo, gen: torch.Generator, log: Callable[[str], None], device):
     """The newest readable checkpoint's state (None when there is none), after checking that it was
     trained with the same config and restoring this rank's RNG streams; the caller loads its modules."""
+    if dist.is_main:  # what a process killed mid-save left (the writing rank's files)
+        ckpts.remove_stale_temps()
     state, path = ckpts.auto_resume(map_location=device)
     for bad in ckpts.skipped:
         log(f"skipped checkpoint {bad}: {ckpts.skip_reasons.get(bad, 'unreadable')}")
