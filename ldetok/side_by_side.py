@@ -29,11 +29,15 @@ def parallel_jobs(jobs: Optional[int], n_variants: int, device: str = "auto") ->
     the usable CPUs on a CPU run (with the CPUs shared among them), and 1 on a GPU or under torchrun.
     On this project's 2-core machine two 1-thread processes train the small CPU models ~20% faster than
     one 2-thread process (tokenizer, 150 steps each: 46 s side by side against 58 s one after the other)."""
+    under_torchrun = is_distributed() or os.environ.get("WORLD_SIZE", "1") != "1"
     if jobs is not None:
         if jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        if jobs > 1 and under_torchrun:
+            raise ValueError(f"--jobs {jobs} starts processes of its own; under torchrun every rank already shares "
+                             "each pipeline: leave --jobs out")
         return min(jobs, n_variants)
-    if resolve_device(device).type != "cpu" or is_distributed() or os.environ.get("WORLD_SIZE", "1") != "1":
+    if resolve_device(device).type != "cpu" or under_torchrun:
         return 1
     return max(1, min(n_variants, usable_cpus()))
 

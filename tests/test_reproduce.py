@@ -186,7 +186,9 @@ def test_parallel_jobs(monkeypatch):
     assert sbs.parallel_jobs(None, 2, "cpu") == 1
     monkeypatch.setattr(sbs, "usable_cpus", lambda: 8)
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: one pipeline, every rank in it
-    assert sbs.parallel_jobs(None, 2, "cpu") == 1
+    assert sbs.parallel_jobs(None, 2, "cpu") == 1 and sbs.parallel_jobs(1, 2, "cpu") == 1
+    with pytest.raises(ValueError, match="under torchrun"):
+        sbs.parallel_jobs(2, 2, "cpu")
     with pytest.raises(ValueError, match="--jobs"):
         sbs.parallel_jobs(0, 2, "cpu")
 
