@@ -661,9 +661,9 @@ REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
     # The paper's corruption ablation (none / masking / noise / both; SiT and MAR; no decoder fine-tuning, as
     # the paper's 50-epoch ablation tokenizers) at CPU scale, three seeds: `ldetok study ablation OUT` lays it
     # out like the paper's table, with rFID. The budget is the largest that keeps the whole preset near 90
-    # minutes on a 2-core machine run as two 1-thread processes (`ldetok main --preset cpu-ablation --jobs 2`
-    # or --seeds/--variants per process): per (variant, seed) ~2.5 min tokenizer, ~3 min SiT, ~6 min MAR
-    # (MAR's DiffLoss trains at ~1.9x SiT's time per step, bench/RESULTS.md) and ~2 min of evaluation.
+    # minutes on a 2-core machine: `ldetok reproduce --preset cpu-ablation --jobs 2` (two 1-thread processes)
+    # took 82 minutes there; per (variant, seed) ~2 min tokenizer, ~3.5 min SiT (latent cache included),
+    # ~4.5 min MAR and ~1.5 min for each generator's sampling and evaluation. At 1000/1500 it would take ~2.5 h.
     "cpu-ablation": dict(variants=("ae", "mask", "noise", "detok"), generators=("sit", "mar"), seeds=(0, 1, 2),
                          budgets=((500, 750),), n_eval=1000, n_inception=250, features=("classifier", "inception")),
     # for tests: seconds

@@ -246,7 +246,8 @@ def _cell(vals: Sequence[float]) -> str:
 
 def study_ablation(sources, out, name: str = "ablation", budget=None) -> str:
     """The four-variant corruption ablation laid out like the paper's table (one row per setting, gFID per
-    generator family), with the reconstruction (rFID) the paper does not report, mean ± std over seeds;
+    generator family), with the reconstruction (rFID) the paper does not report and the samples' distance to
+    their tokenizer's reconstructions (modelability, in the first space), mean ± std over seeds;
     ``OUT/NAME.md`` and the per-seed ``OUT/NAME.csv`` (one row per variant, seed and generator). Each
     distance is given in every feature space the runs measured (Inception: rFID/gFID; classifier)."""
     rows = [r for r in load_rows(sources, budget) if r["variant"] in PAPER_ABLATION]
@@ -256,14 +257,15 @@ def study_ablation(sources, out, name: str = "ablation", budget=None) -> str:
     gens = list(dict.fromkeys(r["generator"] for r in rows))
     by = lambda v, g=None: [r for r in rows if r["variant"] == v and (g is None or r["generator"] == g)]
     cols = [f"rFID [{sp}]" for sp in spaces] + [f"{g} gFID [{sp}]" for g in gens for sp in spaces] + \
-        [f"{g} gen loss" for g in gens]
+        [f"{g} FD(samples, recon) [{spaces[0]}]" for g in gens] + [f"{g} gen loss" for g in gens]
     budgets = sorted({(r["tok_steps"], r["gen_steps"]) for r in rows})
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"# The corruption ablation at CPU scale: tokenizer/generator steps {', '.join(f'{a}/{b}' for a, b in budgets)}, "
              f"seeds {','.join(map(str, seeds))}", "",
              "Mean ± std over seeds (population std). rFID: reconstructions of the test images against the test images; "
              "gFID: class-balanced samples against the test images. [inception]: FID-Inception pool3; [classifier]: a "
-             "Fashion-MNIST CNN's features (not comparable with Inception distances). Lower is better. The paper's "
+             "Fashion-MNIST CNN's features (not comparable with Inception distances); FD(samples, recon): samples against "
+             "their tokenizer's own reconstructions. Lower is better. The paper's "
              "columns are its ImageNet-256 numbers (DeTok-SB 50 epochs, MAR-B / SiT-B 100 epochs, FID-50K with CFG), "
              "for the ordering only.", "",
              "| setup | " + " | ".join(cols) + " | paper MAR-B FID | paper SiT-B FID |", "|---" * (len(cols) + 3) + "|"]
@@ -274,9 +276,11 @@ def study_ablation(sources, out, name: str = "ablation", budget=None) -> str:
         cells = [_cell([r[f"fd_recon_real[{sp}]"] for r in recon if isinstance(r.get(f"fd_recon_real[{sp}]"), float)])
                  for sp in spaces]
         cells += [_cell([r[f"fd_gen_real[{sp}]"] for r in by(v, g)]) if by(v, g) else "–" for g in gens for sp in spaces]
+        cells += [_cell([r[f"fd_gen_recon[{spaces[0]}]"] for r in by(v, g)]) if by(v, g) else "–" for g in gens]
         cells += [_cell([r["generator_loss"] for r in by(v, g)]) if by(v, g) else "–" for g in gens]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {mar:.2f} | {sit:.2f} |")
-    metrics = [f"fd_recon_real[{sp}]" for sp in spaces] + [f"fd_gen_real[{sp}]" for sp in spaces] + ["generator_loss"]
+    metrics = [f"fd_recon_real[{sp}]" for sp in spaces] + [f"fd_gen_real[{sp}]" for sp in spaces] + \
+        [f"fd_gen_recon[{sp}]" for sp in spaces] + ["generator_loss"]
     write_rows(rows, Path(out) / f"{name}.csv", ["variant", "generator", "seed", "tok_steps", "gen_steps", "ft", *metrics])
     text = "\n".join(lines) + "\n"
     (Path(out) / f"{name}.md").write_text(text)

@@ -10,7 +10,7 @@ from ldetok import study
 from ldetok.cli import main as cli
 
 FIELDS = ["variant", "generator", "seed", "tok_steps", "gen_steps", "decoder_ft_steps", "fd_gen_real[classifier]",
-          "fd_recon_real[classifier]", "generator_loss"]
+          "fd_recon_real[classifier]", "fd_gen_recon[classifier]", "generator_loss"]
 
 
 def _csv(path, rows):
@@ -25,7 +25,7 @@ def _csv(path, rows):
 def _row(variant, seed, fd, ft=0, steps=(1000, 1500)):
     return {"variant": variant, "generator": "sit", "seed": seed, "tok_steps": steps[0], "gen_steps": steps[1],
             "decoder_ft_steps": ft, "fd_gen_real[classifier]": fd, "fd_recon_real[classifier]": fd / 2,
-            "generator_loss": 1.0 / (1 + seed)}
+            "fd_gen_recon[classifier]": fd / 4, "generator_loss": 1.0 / (1 + seed)}
 
 
 def test_map_cells_rank_and_budget_filter(tmp_path):
@@ -112,6 +112,8 @@ def test_ablation_table_like_the_papers(tmp_path):
     cells = body[0].split(" | ")
     assert cells[1] == f"30 ± {f'{np.std([0.0, 5.0, 10.0]):.3g}'}"  # rFID: fd/2 over seeds 0..2, once per seed
     assert cells[2] == f"60 ± {std}" and cells[3] == f"61 ± {std}" and cells[-2:] == ["3.31", "6.97 |"]
+    assert head.split(" | ")[4:6] == ["sit FD(samples, recon) [classifier]", "mar FD(samples, recon) [classifier]"]
+    assert cells[4] == f"15 ± {np.std([0.0, 2.5, 5.0]):.3g}"  # fd/4 of the SiT rows
     per_seed = list(csv.DictReader(open(tmp_path / "fig" / "ablation.csv")))
     assert len(per_seed) == 24 and per_seed[0]["variant"] == "ae" and per_seed[0]["generator"] == "mar"
 
