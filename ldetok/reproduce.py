@@ -386,9 +386,10 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, ft: int, seed: int, gen_evals
     return rec, recon_feats, n
 
 
-def _generator_stage(R: _Run, fam: str, tag: str, tok_dir: Path, seed: int, gen_steps: int) -> Path:
-    """Train (or find) generator family ``fam`` on the tokenizer in ``tok_dir``; returns its folder."""
-    gdir = R.out / "generators" / f"{generator_label(R.P, fam, R.gen_over)}_{tag}_g{gen_steps}"
+def _generator_stage(R: _Run, fam: str, label: str, tag: str, tok_dir: Path, seed: int, gen_steps: int) -> Path:
+    """Train (or find) generator family ``fam`` (named ``label``, see ``generator_label``) on the tokenizer
+    in ``tok_dir``; returns its folder."""
+    gdir = R.out / "generators" / f"{label}_{tag}_g{gen_steps}"
     cfg = generator_config(R.P, fam, str(tok_dir), seed, gen_steps, R.gen_over)
     R.stage(f"generator {fam} on {tag} ({gen_steps or 'preset'} steps)", gdir / "generator" / "generator.json",
             gen_steps, lambda: train_generator(cfg, gdir))
@@ -523,7 +524,7 @@ def _variant_rows(R: _Run, v: str, seed: int, tok_steps: int, gen_steps: int) ->
     n = recs[0][2]
     rows = []
     for fam in P.generators:
-        gdir = _generator_stage(R, fam, gen_tag, gen_dir, seed, gen_steps)
+        gdir = _generator_stage(R, fam, labels[fam], gen_tag, gen_dir, seed, gen_steps)
         paths = [evals[(fam, tag)] for _, tag, _ in decoders]
         t = R.prog.stage(f"sample {n} and evaluate {gdir.name}" + (" with both decoders" if shared else ""))
         evs = [R.done(p) for p in paths]

@@ -239,9 +239,14 @@ PAPER_ABLATION = {"ae": ("Baseline (no corruption)", 3.31, 6.97), "mask": ("Mask
                   "noise": ("Latent noise only", 2.77, 5.56), "detok": ("Joint (noise + masking)", 2.65, 5.50)}
 
 
+def _pm(st: dict) -> str:
+    """``_stats``' mean ± std."""
+    return f"{_fmt(st['mean'])} ± {_fmt(st['std'])}"
+
+
 def _cell(vals: Sequence[float]) -> str:
     st = _stats(vals)
-    return f"{_fmt(st['mean'])} ± {_fmt(st['std'])}" if st["n"] > 1 else _fmt(st["mean"])
+    return _pm(st) if st["n"] > 1 else _fmt(st["mean"])
 
 
 def study_ablation(sources, out, name: str = "ablation", budget=None) -> str:
@@ -348,8 +353,7 @@ def study_capacity(sources, out, name: str = "capacity", baseline: str = "ae", o
         for m in CAPACITY_METRICS:
             d = e[m]
             lines.append(f"| {e['generator']} | {e['gen_steps']} | {','.join(map(str, e['seeds']))} | {metric_label(m)} | "
-                         f"{_fmt(d[baseline]['mean'])} ± {_fmt(d[baseline]['std'])} | "
-                         f"{_fmt(d[other]['mean'])} ± {_fmt(d[other]['std'])} | {d['gap']:+.3g} |")
+                         f"{_pm(d[baseline])} | {_pm(d[other])} | {d['gap']:+.3g} |")
     write_rows(rows, Path(out) / f"{name}.csv", ["variant", "generator", "seed", "tok_steps", "gen_steps", "ft",
                                                  *CAPACITY_METRICS])
     (Path(out) / f"{name}.md").write_text("\n".join(lines) + "\n")
