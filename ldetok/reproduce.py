@@ -26,7 +26,7 @@ import itertools
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,6 +38,7 @@ from .config import (GeneratorTrainConfig, ReproduceConfig, TokenizerTrainConfig
 from .data import build_dataset, from_uint8, to_uint8
 from .engine.distributed import (barrier, broadcast_object, cleanup, gather_objects, init_distributed, is_distributed,
                                  resolve_device)
+from .engine.common import check_resume_config
 from .engine.generator_trainer import train_generator
 from .engine.stats import fetch_batch
 from .engine.tokenizer_trainer import train_tokenizer
@@ -268,13 +269,29 @@ class _Run:
         ok = meta.exists() and (not steps or json.loads(meta.read_text())["step"] == steps) if self.main else None
         return bool(broadcast_object(ok))
 
-    def stage(self, msg: str, meta: Optional[Path], steps: int, train) -> None:
-        """A training stage: ``train()`` unless ``meta`` records a finished run of ``steps`` steps."""
+    def stage(self, msg: str, meta: Path, steps: int, cfg, train) -> None:
+        """A training stage: ``train()`` unless ``meta`` records a finished run of ``steps`` steps. A
+        finished run is reused only when it was trained with ``cfg`` (the fields that may differ between
+        a run and its resumption aside); otherwise the stage is refused, naming the folder and the fields,
+        so that e.g. a ``--tok`` override never silently reuses a tokenizer trained without it."""
         t = self.prog.stage(msg)
         skipped = self.finished(meta, steps)
+        if skipped:
+            err = broadcast_object(_config_mismatch(meta.parent.parent, cfg) if self.main else None)
+            if err:
+                raise ValueError(err)
         if not skipped:
             train()
         self.prog.end(t, skipped)
+
+
+def _config_mismatch(run_dir: Path, cfg) -> Optional[str]:
+    """Why the finished run in ``run_dir`` is not a run of ``cfg`` (None when it is)."""
+    try:
+        check_resume_config(asdict(run_train_config(run_dir)), asdict(cfg), run_dir, defaults=asdict(type(cfg)()))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def tokenizer_tags(v: str, seed: int, tok_steps: int, ft_steps: int = 0) -> List[Tuple[str, int]]:
@@ -319,7 +336,7 @@ def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> List[Tuple[P
     tok_dir = R.out / "tokenizers" / tag
     cfg = tokenizer_config(P, v, seed, tok_steps, R.tok_over)
     R.stage(f"tokenizer {variant_label(v, PAPER_VARIANTS)} seed {seed} ({tok_steps or 'preset'} steps)",
-            tok_dir / "tokenizer" / "tokenizer.json", tok_steps, lambda: train_tokenizer(cfg, tok_dir))
+            tok_dir / "tokenizer" / "tokenizer.json", tok_steps, cfg, lambda: train_tokenizer(cfg, tok_dir))
     if not tuned:
         return [(tok_dir, tag, 0)]
     # ---- decoder fine-tuning: encoder frozen, clean latents, the decoder fine-tuning recipe
@@ -327,7 +344,7 @@ def _tokenizer_stage(R: _Run, v: str, seed: int, tok_steps: int) -> List[Tuple[P
     ft_dir = R.out / "tokenizers" / ft_tag
     ft_cfg = tokenizer_config(P, v, seed, tok_steps, R.tok_over, parent=str(tok_dir), ft_steps=R.ft_steps)
     R.stage(f"decoder fine-tuning {ft_tag} ({R.ft_steps} steps, {P.decoder_ft()})", ft_dir / "tokenizer" / "tokenizer.json",
-            R.ft_steps, lambda: train_tokenizer(ft_cfg, ft_dir))
+            R.ft_steps, ft_cfg, lambda: train_tokenizer(ft_cfg, ft_dir))
     return [(tok_dir, tag, 0), (ft_dir, ft_tag, R.ft_steps)]
 
 
@@ -392,7 +409,7 @@ def _generator_stage(R: _Run, fam: str, label: str, tag: str, tok_dir: Path, see
     gdir = R.out / "generators" / f"{label}_{tag}_g{gen_steps}"
     cfg = generator_config(R.P, fam, str(tok_dir), seed, gen_steps, R.gen_over)
     R.stage(f"generator {fam} on {tag} ({gen_steps or 'preset'} steps)", gdir / "generator" / "generator.json",
-            gen_steps, lambda: train_generator(cfg, gdir))
+            gen_steps, cfg, lambda: train_generator(cfg, gdir))
     return gdir
 
 

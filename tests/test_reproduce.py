@@ -310,6 +310,16 @@ def test_a_generator_of_another_size_reuses_the_tokenizers(tmp_path, capsys):
     assert [r["generator"] for r in csv.DictReader(open(out / "results.csv"))] == ["sit"]
 
 
+    # a finished stage is reused only for its own config: another --tok or --gen is refused, naming both
+    for over, where, key in ((dict(tok_overrides={"perceptual": "effnet_lite0"}), "tokenizers/ae_s0_t2",
+                              "losses.perceptual"),
+                             (dict(gen_overrides={"lr": 0.0123}), "generators/sit_ae_s0_t2_g2", "optim.lr")):
+        with pytest.raises(ValueError, match="different config") as err:
+            R.reproduce("tiny", out, variants=["ae"], budgets=[(2, 2)], figures_dir=tmp_path / "figs", **over)
+        assert where in str(err.value) and key in str(err.value)
+    assert (tok.stat().st_mtime_ns, tok.read_bytes()) == before
+
+
 class _CountingFeatures(_MomentFeatures):
     """Moment features that count the images they see (the 'slow' space of the test below)."""
 
