@@ -425,16 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_weights)
 
     s = sub.add_parser("study", help="the γ x M study: heatmaps and ranking (map), held-out comparison (confirm), "
-                                      "the four-variant table (ablation), generator capacity (capacity)")
-    s.add_argument("action", choices=("map", "confirm", "ablation", "capacity"))
-    s.add_argument("sources", nargs="+", help="reproduce output folders or results CSVs")
+                                      "the four-variant table (ablation), generator capacity (capacity), one lever at a time (compare)")
+    s.add_argument("action", choices=("map", "confirm", "ablation", "capacity", "compare"))
+    s.add_argument("sources", nargs="+", help="reproduce output folders or results CSVs; compare: SOURCE:VARIANT[=LABEL] "
+                                              "each, the first the reference (e.g. runs/study/effnet:mask=mask+effnet)")
     s.add_argument("--out", required=True, help="folder for NAME.png/.csv/.md (e.g. figures/study)")
     s.add_argument("--budget", default=None, help="only this TOKENIZER:GENERATOR budget, e.g. 1000:1500")
     s.add_argument("--metric", default=None, help="map: the ranking's metric; confirm: one metric (default: four)")
     s.add_argument("--candidate", default=None, help="confirm: the chosen variant, e.g. mask or g0.5_m0; capacity: the "
                                                             "variant set against the baseline (default detok)")
     s.add_argument("--baseline", default="ae", help="confirm: the baseline variant (default ae: γ=0, M=0)")
-    s.add_argument("--name", default=None, help="file stem (default: map / confirm)")
+    s.add_argument("--name", default=None, help="file stem (default: the action, e.g. map, confirm, compare)")
     s.set_defaults(fn=cmd_study)
 
     from .demo.cli import add_demo_parser  # light: torch and gradio load only when the demo runs

@@ -6,6 +6,7 @@ against the γ=0/M=0 baseline on seeds that played no part in the choice.
     ldetok study confirm runs/study/heldout --candidate mask --out figures/study
     ldetok study ablation runs/study/ablation --out figures/study       # the four-variant table
     ldetok study capacity runs/study/map --out figures/study           # AE vs l-DeTok under bigger generators
+    ldetok study compare runs/study/map:g0.5_m0 runs/study/map:g0.5_m0_add=additive --name additive --out figures/study
 
 Rows are ``reproduce`` result rows (``explore.load_results``); a variant's γ and M come from its name
 (``config.variant_settings``). The rule of the confirmation: the candidate beats the baseline only where
@@ -26,7 +27,7 @@ from .explore import better, load_results, metric_label
 from .reproduce import collect_rows, parse_budgets, variant_label
 
 __all__ = ["load_rows", "map_cells", "plot_map", "ranking", "confirm", "write_rows", "study_ablation", "capacity_table",
-           "study_capacity", "capacity_rows", "MAP_METRICS", "CAPACITY_METRICS", "PAPER_ABLATION"]
+           "study_capacity", "capacity_rows", "study_compare", "parse_compare_spec", "MAP_METRICS", "CAPACITY_METRICS", "PAPER_ABLATION"]
 
 # the map's panels: the samples against real images, the reconstruction ceiling, the samples against the
 # tokenizer's own reconstructions (modelability) and the generator's loss
@@ -140,7 +141,8 @@ def confirm(rows: Sequence[dict], candidate: str, baseline: str = "ae",
             metrics: Sequence[str] = MAP_METRICS[:1], ft: Optional[int] = None) -> List[dict]:
     """Per metric: the candidate's and the baseline's mean ± std over their seeds (the same seeds for
     both, else an error), and the verdict: ``"beats"`` / ``"loses"`` where the means differ by more than
-    both standard deviations (in the better / worse direction), else ``"no difference shown"``. ``ft``:
+    both standard deviations (in the better / worse direction), else ``"no difference shown"``; from one
+    seed (no spread to compare with) ``"one seed: no verdict"``. ``ft``:
     the decoder (fine-tuning steps) to compare; None: the most fine-tuned in the rows."""
     ft = max(r["ft"] for r in rows) if ft is None else ft
     out = []
@@ -158,7 +160,8 @@ def confirm(rows: Sequence[dict], candidate: str, baseline: str = "ae",
         diff = c["mean"] - b["mean"]
         sign = -1.0 if better(m) == "lower" else 1.0
         clear = abs(diff) > c["std"] and abs(diff) > b["std"]
-        verdict = ("beats" if sign * diff > 0 else "loses") if clear else "no difference shown"
+        verdict = ("one seed: no verdict" if c["n"] < 2 else
+                   ("beats" if sign * diff > 0 else "loses") if clear else "no difference shown")
         out.append({"metric": m, "ft": ft, "seeds": sorted(vals[candidate]), "candidate": candidate, "baseline": baseline,
                     "candidate_mean": c["mean"], "candidate_std": c["std"], "baseline_mean": b["mean"],
                     "baseline_std": b["std"], "difference": diff, "verdict": verdict,
@@ -361,12 +364,66 @@ def study_capacity(sources, out, name: str = "capacity", baseline: str = "ae", o
     return table
 
 
+def parse_compare_spec(spec: str) -> Tuple[str, str, str]:
+    """``SOURCE:VARIANT[=LABEL]`` -> (source, variant, label); the label defaults to the variant's."""
+    head, _, label = spec.partition("=")
+    src, sep, variant = head.rpartition(":")
+    if not sep or not src or not variant:
+        raise ValueError(f"{spec!r}: expected SOURCE:VARIANT[=LABEL], e.g. runs/study/map:g0.5_m0_add=additive")
+    variant_settings(variant)  # an unknown variant is refused here, naming it
+    return src, variant, label or variant_label(variant)
+
+
+def study_compare(specs: Sequence[str], out, name: str = "compare", metrics: Sequence[str] = MAP_METRICS,
+                  budget=None) -> List[dict]:
+    """One lever at a time (``OUT/NAME.md``, per-seed ``OUT/NAME.csv``): each of ``specs`` (``SOURCE:VARIANT
+    [=LABEL]``, from any reproduce folders or CSVs, e.g. one trained with ``--tok perceptual=effnet_lite0``)
+    against the first, on the seeds they share, for every decoder they share (untuned, fine-tuned), with
+    ``confirm``'s rule and verdicts."""
+    parsed = [parse_compare_spec(s) for s in specs]
+    if len(parsed) < 2 or len({lab for _, _, lab in parsed}) < len(parsed):
+        raise ValueError("study compare needs two or more SOURCE:VARIANT[=LABEL], each with its own label")
+    groups = {lab: [dict(r, variant=lab, setting=v, source=src) for r in load_rows([src], budget) if r["variant"] == v]
+              for src, v, lab in parsed}
+    for (src, v, lab) in parsed:
+        if not groups[lab]:
+            raise ValueError(f"{src}: no finished rows of {v!r}" + (f" at budget {budget}" if budget else ""))
+    base = parsed[0][2]
+    seeds = set.intersection(*({r["seed"] for r in g} for g in groups.values()))
+    fts = sorted(set.intersection(*({r["ft"] for r in g} for g in groups.values())))
+    if not seeds or not fts:
+        raise ValueError(f"{', '.join(specs)}: no seed and decoder that every entry has")
+    rows = [r for g in groups.values() for r in g if r["seed"] in seeds and r["ft"] in fts]
+    metrics = [m for m in metrics if all(isinstance(r.get(m), float) for r in rows)]
+    res = [d for ft in fts for lab in groups if lab != base for d in confirm(rows, lab, base, metrics, ft)]
+    write_rows(rows, Path(out) / f"{name}.csv", ["variant", "setting", "source", "seed", "tok_steps", "gen_steps", "ft",
+                                                 *metrics])
+    lines = [f"# {' / '.join(groups)}", "",
+             f"Each against {base}; seeds {','.join(map(str, sorted(seeds)))}; mean ± std over seeds (population std) "
+             "where there are several. An entry beats the first only where the means differ by more than both "
+             "spreads.", "", "| decoder | metric | entry | entry value | " + f"{base} | difference | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {'fine-tuned ' + str(d['ft']) if d['ft'] else 'untuned'} | {metric_label(d['metric'])} | "
+              f"{d['candidate']} | {_pm(_mean_std(d, 'candidate'))} | {_pm(_mean_std(d, 'baseline'))} | "
+              f"{d['difference']:+.3g} | {d['verdict']} |" for d in res]
+    (Path(out) / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return res
+
+
+def _mean_std(d: dict, who: str) -> dict:
+    return {"mean": d[f"{who}_mean"], "std": d[f"{who}_std"]}
+
+
 def cmd_study(args) -> int:
     budget = parse_budgets(args.budget)[0] if args.budget else None
     if args.action == "map":
         study_map(args.sources, args.out, budget, args.metric or MAP_METRICS[0], args.name or "map")
     elif args.action == "capacity":
         study_capacity(args.sources, args.out, args.name or "capacity", args.baseline, args.candidate or "detok")
+    elif args.action == "compare":
+        study_compare(args.sources, args.out, args.name or "compare",
+                      [args.metric] if args.metric else MAP_METRICS, budget)
     elif args.action == "ablation":
         study_ablation(args.sources, args.out, args.name or "ablation", budget)
     else:

@@ -157,3 +157,31 @@ def test_capacity_rows_read_the_reproduce_folder(tmp_path):
     assert [(e["generator"], e["gen_steps"], e["fd_gen_real[classifier]"]["gap"]) for e in table] == \
         [("sit", 1500, 60.0), ("sit-hidden_size256", 1500, 60.0)]  # the 3000-step setting lacks l-DeTok
     assert table[0]["fd_gen_real[classifier]"]["ae"]["mean"] == 45.0  # the tuned decoder's row
+
+
+def test_compare_one_lever_across_folders(tmp_path, capsys):
+    """study compare: each entry against the first on their shared seeds and decoders, from different
+    folders even under the same variant name (a --tok perceptual=... run), labelled; one seed gives no verdict."""
+    base = _csv(tmp_path / "map" / "results.csv",
+                [_row("mask", s, fd, ft=ft) for s, fd in ((0, 60.0), (1, 62.0)) for ft in (0, 500)] +
+                [_row("g0.5_m0_add", 0, 70.0, ft=500)])
+    eff = _csv(tmp_path / "effnet" / "results.csv",
+               [_row("mask", s, fd, ft=500) for s, fd in ((0, 40.0), (1, 41.0), (2, 39.0))])
+    out = tmp_path / "figs"
+    assert cli(["study", "compare", f"{base}:mask", f"{eff}:mask=masking + effnet", "--name", "effnet",
+                "--out", str(out)]) == 0
+    md = (out / "effnet.md").read_text()
+    assert "| fine-tuned 500 | gFID: FD(samples, real)" in md and "| masking + effnet | 40.5 ± 0.5 | 61 ± 1 | -20.5 | beats |" in md
+    assert "untuned" not in md  # the effnet folder has no untuned decoder rows: only the shared decoder
+    per_seed = list(csv.DictReader(open(out / "effnet.csv")))
+    assert sorted((r["variant"], r["seed"]) for r in per_seed) == [("masking + effnet", "0"), ("masking + effnet", "1"),
+                                                                    ("masking only (M=0.7)", "0"), ("masking only (M=0.7)", "1")]
+    res = study.study_compare([f"{base}:mask", f"{base}:g0.5_m0_add=additive"], out, "additive")
+    assert {d["verdict"] for d in res} == {"one seed: no verdict"} and res[0]["seeds"] == [0]
+    assert res[0]["candidate_mean"] == 70.0 and res[0]["baseline_mean"] == 60.0
+    with pytest.raises(ValueError, match="SOURCE:VARIANT"):
+        study.parse_compare_spec("runs/study/map")
+    with pytest.raises(ValueError, match="unknown variant"):
+        study.parse_compare_spec("runs/study/map:gamma3")
+    with pytest.raises(ValueError, match="its own label"):
+        study.study_compare([f"{base}:mask", f"{eff}:mask"], out)
