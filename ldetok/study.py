@@ -243,13 +243,12 @@ PAPER_ABLATION = {"ae": ("Baseline (no corruption)", 3.31, 6.97), "mask": ("Mask
 
 
 def _pm(st: dict) -> str:
-    """``_stats``' mean ± std."""
-    return f"{_fmt(st['mean'])} ± {_fmt(st['std'])}"
+    """``_stats``' mean ± std (the value alone from one seed)."""
+    return _fmt(st["mean"]) if st.get("n", 2) < 2 else f"{_fmt(st['mean'])} ± {_fmt(st['std'])}"
 
 
 def _cell(vals: Sequence[float]) -> str:
-    st = _stats(vals)
-    return _pm(st) if st["n"] > 1 else _fmt(st["mean"])
+    return _pm(_stats(vals))
 
 
 def study_ablation(sources, out, name: str = "ablation", budget=None) -> str:
@@ -302,8 +301,8 @@ CAPACITY_METRICS = ("fd_gen_real[classifier]", "fd_gen_recon[classifier]", "gene
 
 def capacity_table(rows: Sequence[dict], baseline: str = "ae", other: str = "detok",
                    metrics: Sequence[str] = CAPACITY_METRICS) -> List[dict]:
-    """Per generator setting (name and steps) the two tokenizers' mean ± std of each metric over seeds and
-    the gap ``other`` minus ``baseline`` (the most fine-tuned decoder in the rows). A gap that shrinks as
+    """Per generator setting (name and steps) the two tokenizers' mean ± std of each metric over the seeds
+    both have and the gap ``other`` minus ``baseline`` (the most fine-tuned decoder in the rows). A gap that shrinks as
     the generator grows points to generator capacity; one that stays, to the latents' content."""
     ft = max(r["ft"] for r in rows)
     settings = sorted({(r["generator"], r["gen_steps"]) for r in rows}, key=lambda k: (k[1], len(k[0]), k[0]))
@@ -311,9 +310,11 @@ def capacity_table(rows: Sequence[dict], baseline: str = "ae", other: str = "det
     for gen, steps in settings:
         sel = {v: [r for r in rows if r["variant"] == v and r["ft"] == ft and (r["generator"], r["gen_steps"]) == (gen, steps)]
                for v in (baseline, other)}
-        if not all(sel.values()):
+        seeds = set.intersection(*({r["seed"] for r in rs} for rs in sel.values()))
+        if not seeds:
             continue
-        entry = {"generator": gen, "gen_steps": steps, "ft": ft, "seeds": sorted({r["seed"] for r in sel[baseline]})}
+        sel = {v: [r for r in rs if r["seed"] in seeds] for v, rs in sel.items()}  # paired: the seeds both have
+        entry = {"generator": gen, "gen_steps": steps, "ft": ft, "seeds": sorted(seeds)}
         for m in metrics:
             b, o = (_stats([r[m] for r in sel[v] if isinstance(r.get(m), float)] or [float("nan")]) for v in (baseline, other))
             entry[m] = {baseline: b, other: o, "gap": o["mean"] - b["mean"]}
@@ -412,7 +413,7 @@ def study_compare(specs: Sequence[str], out, name: str = "compare", metrics: Seq
 
 
 def _mean_std(d: dict, who: str) -> dict:
-    return {"mean": d[f"{who}_mean"], "std": d[f"{who}_std"]}
+    return {"mean": d[f"{who}_mean"], "std": d[f"{who}_std"], "n": len(d["seeds"])}
 
 
 def cmd_study(args) -> int:
