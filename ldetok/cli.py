@@ -7,7 +7,7 @@
   ldetok sample runs/gen --n 64 --cfg 1.5 --out samples/
   ldetok presets
   ldetok reproduce --preset cpu-quick --out runs/repro   (the corruption ablation end to end)
-  ldetok main --out runs/main          (the job behind `make run`: reproduce cpu-quick + figures + table)
+  ldetok main --out runs/main          (the job behind `make run`: reproduce cpu-main + figures + table)
   ldetok weights list                  (every named weight file: where it is, present or not; no network)
   ldetok weights download released:detok_BB vgg16   (into the standard caches: torch hub, Hugging Face)
 
@@ -408,9 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--figures", default="figures")
     s.set_defaults(fn=cmd_reproduce)
 
-    s = sub.add_parser("main", help="the main job behind `make run`: reproduce --preset cpu-quick, figures, table")
+    s = sub.add_parser("main", help="the main job behind `make run`: reproduce --preset cpu-main, figures, table")
     s.add_argument("--out", default="runs/main")
-    s.add_argument("--preset", default="cpu-quick", help="the reproduce preset (cpu-quick; tiny for a smoke run)")
+    s.add_argument("--preset", default=None, help="the reproduce preset (default cpu-main: AE against the setting "
+                   "confirmed at this scale; cpu-quick: against the paper's γ=3/M=0.7; tiny for a smoke run)")
     s.add_argument("--figures", default="figures")
     s.add_argument("--device", default="auto")
     s.add_argument("--jobs", type=int, default=None,

@@ -617,11 +617,17 @@ OFFICIAL_SAMPLING: Dict[str, Dict[str, Any]] = {
 
 
 REPRODUCE_PRESETS: Dict[str, Dict[str, Any]] = {
-    # make run: baseline vs l-DeTok, one seed, SiT, both decoders fine-tuned for 500 steps (the released
+    # baseline vs the paper's l-DeTok, one seed, SiT, both decoders fine-tuned for 500 steps (the released
     # l-DeTok's practice; it helped both in the cpu-map study), each generator reused by its tuned decoder;
     # Inception on the tuned decoders only (the untuned ones in the classifier's space), under 20 min on 2 cores
     "cpu-quick": dict(variants=("ae", "detok"), generators=("sit",), budgets=((1000, 1500),), n_eval=1000,
                       n_inception=200, decoder_ft_steps=500, untuned_features=("classifier",)),
+    # make run: the fairest comparison the study supports. The same protocol as cpu-quick, with l-DeTok at
+    # the setting that beat the autoencoder on held-out seeds 2-4 at this scale (additive noise z + t·γ·ε,
+    # γ = 0.5, no masking: figures/study/confirm_additive.md) instead of the paper's γ=3/M=0.7 (cpu-quick).
+    # Three pipelines do not fit the 20-minute budget on 2 cores, so the paper's setting is its own preset.
+    "cpu-main": dict(variants=("ae", "g0.5_m0_add"), generators=("sit",), budgets=((1000, 1500),), n_eval=1000,
+                     n_inception=200, decoder_ft_steps=500, untuned_features=("classifier",)),
     # baseline vs l-DeTok at four budgets, two seeds (about 75 min on 2 cores with one process per seed)
     "cpu-budget": dict(variants=("ae", "detok"), generators=("sit",), seeds=(0, 1),
                        budgets=((250, 375), (500, 750), (1000, 1500), (2000, 3000)), n_eval=1000, n_inception=250),

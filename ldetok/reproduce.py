@@ -59,7 +59,7 @@ PAPER_VARIANTS = {"ae": "γ=0, M=0", "mask": "masking only (M=0.7)", "noise": "n
                   "detok": "noise + masking (l-DeTok)"}
 
 LABELS = {"detok": "l-DeTok (γ=3, M=0.7)", "ae": "AE (γ=0, M=0)", "mask": "masking only (M=0.7)",
-          "noise": "noise only (γ=3)"}
+          "noise": "noise only (γ=3)", "g0.5_m0_add": "l-DeTok (additive γ=0.5, M=0)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +128,12 @@ def _extractors(names, device, warm: bool = False):
         if warm:
             out[name].model if name != "inception" else out[name]._load()
     return out
+
+
+def _extractor_keys(exts: Dict[str, object]) -> Dict[str, str]:
+    """``features[SPACE]``: which weights measured each space (the classifier's includes its digest: a
+    classifier retrained elsewhere gives other distances, see ``mixed_extractors``)."""
+    return {f"features[{k}]": e.cache_key for k, e in exts.items() if getattr(e, "cache_key", None)}
 
 
 def warm_extractors(names, device) -> None:
@@ -398,6 +404,7 @@ def _recon_stage(R: _Run, tok_dir: Path, tag: str, ft: int, seed: int, gen_evals
     rec = {"n_recon": n, **{k: float(vals.mean()) for k, vals in per.items()}}
     for k in spaces:
         rec[f"fd_recon_real[{k}]"] = fd_from_features(recon_feats[k], R.real_feats[k])
+    rec.update(_extractor_keys(spaces))
     R.save(rec_path, rec)
     R.prog.end(t)
     return rec, recon_feats, n
@@ -510,6 +517,7 @@ def _evaluation_stage(R: _Run, gdir: Path, fam: str, seed: int, n: int, decoders
             ev["cfg_search"] = json.dumps({"n": min(sp.n_search, n), "steps": sp.search_steps, "fd": searched})
         if logits is not None:  # the real torch-fidelity Inception weights are present
             ev["is[inception]"] = inception_score_from_logits(logits)[0]
+        ev.update(_extractor_keys({k: R.exts[k] for k in feats}))
         for k, f in feats.items():
             ev[f"n[{k}]"] = len(f)
             ev[f"fd_gen_real[{k}]"], ev[f"kid_gen_real[{k}]"] = _ref_metrics(ref[k], f)
@@ -786,7 +794,7 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
     metrics = [k for k in keys if k not in ("variant", "generator", "seed", "tok_steps", "gen_steps", "cfg", "n",
                                             "n_recon", "sample_steps", "world_size", "decoder_ft_steps",
                                             "cfg_search", "temperature", "reference", "generator_tokenizer")
-               and not k.startswith("n[")]
+               and not k.startswith(("n[", "features["))]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
         groups.setdefault((r["tok_steps"], r["gen_steps"], r["generator"], _variant_key(r)), []).append(r)
@@ -805,7 +813,7 @@ def _write_results(P, preset, rows, out: Path, figures: Path) -> None:
                 "the same sampled latents are decoded by both decoders (rows with and without `decoder fine-tuned`)."
                 if any(r.get("decoder_ft_steps") for r in rows) else "")
              + (f" gFID/KID reference: {rows[0]['reference']}." if rows[0].get("reference") else ""),
-             "",
+             *mixed_extractors(rows), "",
              "- `psnr`, `ssim`: clean reconstructions (posterior mean, 8-bit rounded); `psnr_tT`: decodes (float) of "
              "raw latents corrupted by (1-t)·z + t·3·ε, each image's ε seeded by (seed, image index) "
              "(`ldetok.eval.psnr_under_noise`, as `ldetok eval-tokenizer --noise` measures it).",
@@ -839,6 +847,20 @@ _ORDER = ("psnr", "ssim", "psnr_t", "fd_recon_real", "fd_gen_real", "kid_gen_rea
 _TITLES = {"fd_recon_real": "reconstruction ceiling: FD(recon, real)", "fd_gen_real": "FD(samples, real)",
            "kid_gen_real": "KID(samples, real)", "fd_gen_recon": "modelability: FD(samples, recon)",
            "generator_loss": "generator loss (final, smoothed)", "psnr": "PSNR clean (dB)", "ssim": "SSIM clean"}
+
+
+def mixed_extractors(rows: Sequence[dict]) -> List[str]:
+    """A warning per feature space whose rows were measured with different weights (e.g. a classifier
+    retrained on another machine: its FDs are then not comparable across those rows), else nothing.
+    Rows from before the weights were recorded are not counted."""
+    out = []
+    for col in sorted({k for r in rows for k in r if k.startswith("features[")}):
+        keys = sorted({str(r[col]) for r in rows if r.get(col) not in (None, "")})
+        if len(keys) > 1:
+            out.append(f"**Not comparable across rows: {col[9:-1]}-space distances were measured with "
+                       f"{len(keys)} different weights ({', '.join(keys)}).**")
+            print(f"warning: {out[-1].strip('*')}")
+    return out
 
 
 def _title(m: str) -> str:

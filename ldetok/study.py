@@ -39,8 +39,9 @@ def load_rows(sources: Sequence, budget: Optional[Tuple[int, int]] = None) -> Li
     """The result rows of several ``reproduce`` folders or CSVs, each with its ``gamma``, ``max_mask_ratio``
     and ``noise_type`` (from the variant's name) and ``ft`` (decoder fine-tuning steps, 0 for none);
     only ``budget`` (tokenizer, generator steps) when given. Duplicate (variant, seed, budget, ft) rows
-    from several sources are refused: each run must be counted once."""
-    rows, seen = [], {}
+    from several sources are refused: each run must be counted once, and so are rows whose distances in one
+    feature space were measured with different weights (recorded as ``features[SPACE]``)."""
+    rows, seen, row_sources = [], {}, []
     for src in sources:
         for r in load_results(src):
             if budget and (int(r["tok_steps"]), int(r["gen_steps"])) != tuple(budget):
@@ -51,9 +52,24 @@ def load_rows(sources: Sequence, budget: Optional[Tuple[int, int]] = None) -> Li
                 raise ValueError(f"{src}: the run {key} is also in {seen[key]}: count each run once")
             seen[key] = src
             rows.append(r)
+            row_sources.append(src)
     if not rows:
         raise ValueError(f"no result rows in {', '.join(map(str, sources))}" + (f" at budget {budget}" if budget else ""))
+    _check_one_extractor(rows, row_sources)
     return rows
+
+
+def _check_one_extractor(rows: Sequence[dict], sources: Sequence) -> None:
+    """Refuse rows whose distances in one space were measured with different weights (e.g. a classifier
+    retrained on another machine: other weights, other distances); rows that record none are not counted."""
+    for col in sorted({k for r in rows for k in r if k.startswith("features[")}):
+        by_key: Dict[str, set] = {}
+        for r, src in zip(rows, sources):
+            if r.get(col) not in (None, ""):
+                by_key.setdefault(str(r[col]), set()).add(str(src))
+        if len(by_key) > 1:
+            raise ValueError(f"{col[9:-1]}-space distances measured with different weights cannot be compared: "
+                             + "; ".join(f"{k} in {', '.join(sorted(v))}" for k, v in by_key.items()))
 
 
 def _with_settings(r: dict) -> dict:

@@ -85,6 +85,23 @@ def test_load_tokenizers_names_and_sizes(toks, tiny_dirs):
     assert core.default_corruption(toks[1:]) == CorruptionConfig()
 
 
+def test_fashion_mnist_set_is_what_the_main_job_links(tmp_path):
+    """The default Fashion-MNIST set names the main job's tokenizers by their links (make run: the setting
+    confirmed at this scale and the autoencoder), and the paper's γ=3/M=0.7 one only when it is there."""
+    from ldetok.config import resolve_reproduce_config
+    from ldetok.main_job import MAIN_PRESET, link_name
+
+    assert resolve_reproduce_config(MAIN_PRESET).variants == ("ae", "g0.5_m0_add")
+    main = tmp_path / "main"
+    fm = core.default_tokenizer_sets(tmp_path / "demo", main)[core.FMNIST_SET]
+    assert [(s.path, s.label) for s in fm] == [(str(main / "cpu-fmnist-g0.5_m0_add"), "l-DeTok (additive γ=0.5, M=0)"),
+                                               (str(main / "cpu-fmnist-ae"), "AE (γ=0, M=0)")]
+    (main / link_name("detok")).mkdir(parents=True)  # e.g. from ldetok main --preset cpu-quick
+    fm = core.default_tokenizer_sets(tmp_path / "demo", main)[core.FMNIST_SET]
+    assert [s.label for s in fm] == ["l-DeTok (additive γ=0.5, M=0)", "l-DeTok (γ=3, M=0.7)", "AE (γ=0, M=0)"]
+    assert fm[1].path == str(main / "cpu-fmnist") and link_name("ae") == "cpu-fmnist-ae"
+
+
 def test_missing_checkpoint_clear_error_naming_the_path(tmp_path):
     missing = tmp_path / "no" / "such-run"
     with pytest.raises(DemoError, match="no such tokenizer") as ei:

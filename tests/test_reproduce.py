@@ -173,6 +173,7 @@ def test_main_job_tiny(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "results.csv")))
     detok = [r for r in rows if r["variant"] == "detok" and r["tok_steps"] == "3"][0]
     assert f"{float(detok['fd_gen_real[inception]']):.1f}" in table  # the table prints the measured number
+    assert detok["features[inception]"] == "inception-v3-compat-pool3-2048"  # which weights measured it
     assert (out / "summary.md").read_text().startswith("| tokenizer")
 
 

@@ -53,6 +53,32 @@ def test_the_same_run_twice_is_refused(tmp_path):
         study.load_rows([a, b])
 
 
+def test_distances_from_different_classifier_weights_are_refused(tmp_path, capsys):
+    """A classifier retrained elsewhere gives other distances: rows that record different weights for one
+    space are not compared (rows from before the weights were recorded are not counted); reproduce's
+    results.md says so in bold."""
+    from ldetok.reproduce import mixed_extractors
+
+    def rows(key, seeds):
+        return [{**_row("ae", s, 60.0), "features[classifier]": key} for s in seeds]
+
+    fields = FIELDS + ["features[classifier]"]
+    paths = {}
+    for name, key, seeds in (("a", "fmnist-cnn-pen128-e2-s0-aaaa", (0,)), ("b", "fmnist-cnn-pen128-e2-s0-bbbb", (1,)),
+                             ("c", "fmnist-cnn-pen128-e2-s0-aaaa", (2,)), ("old", "", (3,))):
+        paths[name] = tmp_path / f"{name}.csv"
+        with open(paths[name], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows(key, seeds))
+    assert len(study.load_rows([paths["a"], paths["c"], paths["old"]])) == 3
+    with pytest.raises(ValueError, match=r"classifier-space distances .*aaaa in .*a\.csv.*bbbb in .*b\.csv"):
+        study.load_rows([paths["a"], paths["b"]])
+    assert mixed_extractors(rows("k1", (0,)) + rows("", (1,))) == []
+    warning = mixed_extractors(rows("k1", (0,)) + rows("k2", (1,)))
+    assert len(warning) == 1 and "k1, k2" in warning[0] and "not comparable" in capsys.readouterr().out.lower()
+
+
 def _heldout(cand, base):
     return [_row("mask", s, c, ft=500) for s, c in zip((2, 3, 4), cand)] + \
            [_row("ae", s, b, ft=500) for s, b in zip((2, 3, 4), base)]

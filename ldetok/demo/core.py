@@ -31,10 +31,12 @@ import numpy as np
 import torch
 
 from .. import corruption as C
-from ..config import resolve_tokenizer_config
+from ..config import resolve_reproduce_config, resolve_tokenizer_config
 from ..data import FASHION_CLASSES, to_uint8
 from ..engine.tokenizer_trainer import train_tokenizer
 from ..eval.recon import psnr as eval_psnr
+from ..main_job import MAIN_PRESET, link_name
+from ..reproduce import variant_label
 from ..runs import (RunKind, describe, load_generator_run, load_tokenizer, run_corruption, run_kind, run_train_config,
                     tokenizer_meta)
 from ..sampling import generate_images
@@ -204,13 +206,19 @@ def load_tokenizers(specs) -> List[DemoTokenizer]:
 
 
 def default_tokenizer_sets(demo_dir="runs/demo", main_dir="runs/main") -> Dict[str, List[TokenizerSpec]]:
-    """The default comparison: l-DeTok vs a γ=0/M=0 tokenizer, for photos and for Fashion-MNIST."""
+    """The default comparison: l-DeTok vs a γ=0/M=0 tokenizer, for photos and for Fashion-MNIST. The
+    Fashion-MNIST set holds what the main job links: the tokenizers of its preset (``make run``: l-DeTok at
+    the setting confirmed at this scale, and the autoencoder), and the paper's γ=3/M=0.7 l-DeTok as well
+    when one is there (``ldetok main --preset cpu-quick``)."""
     demo_dir, main_dir = Path(demo_dir), Path(main_dir)
+    variants = [v for v in resolve_reproduce_config(MAIN_PRESET).variants if v != "ae"]
+    if "detok" not in variants and (main_dir / link_name("detok")).exists():
+        variants.append("detok")
     return {
         PHOTO_SET: [TokenizerSpec(str(demo_dir / "cpu-photos"), "l-DeTok", PREPARE_HINT),
                     TokenizerSpec(str(demo_dir / "cpu-photos-ae"), "AE (γ=0, M=0)", PREPARE_HINT)],
-        FMNIST_SET: [TokenizerSpec(str(main_dir / "cpu-fmnist"), "l-DeTok", MAIN_HINT),
-                     TokenizerSpec(str(main_dir / "cpu-fmnist-ae"), "AE (γ=0, M=0)", MAIN_HINT)],
+        FMNIST_SET: [TokenizerSpec(str(main_dir / link_name(v)), variant_label(v), MAIN_HINT)
+                     for v in variants + ["ae"]],
     }
 
 
