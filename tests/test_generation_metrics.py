@@ -232,6 +232,22 @@ def test_classifier_trains_and_is_cached(small_classifier):
     assert ext.cache_key.startswith("fmnist-cnn-pen128-e1-s0-") and ext.cache_key == ClassifierFeatures(model).cache_key
 
 
+def test_classifier_weights_do_not_depend_on_the_callers_threads(small_classifier, tmp_path):
+    """Trained on one thread whatever the caller set: a 1-thread and a 2-thread caller get the same weights
+    (other weights would give other distances), and the caller's setting is restored."""
+    model, _, _ = small_classifier  # trained under the test session's thread setting
+    prev = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            again, _ = train_classifier(epochs=1, limit=2000, test_limit=1000, batch_size=16,
+                                        cache_dir=tmp_path / f"t{threads}")
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(prev)
+        assert not again.meta["cached"] and again.meta["sha1"] == model.meta["sha1"], threads
+
+
 def test_class_consistency_of_real_images_is_the_accuracy(small_classifier, tmp_path):
     from ldetok.data import build_dataset
 

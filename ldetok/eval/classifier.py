@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..data import build_dataset, from_uint8, to_uint8
 from ..runs import atomic_write_bytes
-from .fid import _batches
+from .fid import _batches, one_thread
 
 __all__ = ["ClassifierFeatures", "FashionCNN", "classifier_cache_dir", "train_classifier"]
 
@@ -132,9 +132,11 @@ def train_classifier(dataset: str = "fashion_mnist", epochs: int = 2, seed: int 
                      lr: float = 2e-3, root=None, device="cpu", verbose: bool = False):
     """``(model, test_accuracy)``: the CNN trained with Adam (lr 2e-3, cosine to 0 per step) and random
     horizontal flips on the first ``limit`` training images (all by default), evaluated on the first
-    ``test_limit`` test images (all by default). Loaded from the cache when a classifier with the same
+    ``test_limit`` test images (all by default), on one CPU thread (below). Loaded from the cache when a classifier with the same
     settings is there; ``model.meta`` holds the JSON record (``meta["cached"]`` says which happened).
-    Thread count is the caller's choice (run with ``OMP_NUM_THREADS=1`` on a shared CPU)."""
+    One thread whatever the caller's setting: CPU kernels sum in another order with another thread count,
+    which gave other weights and so other distances (a classifier trained in a 2-thread process and one
+    trained at ``OMP_NUM_THREADS=1`` differed); it costs ~2 min instead of ~1 on a 2-core machine."""
     from safetensors.torch import load_file, save
 
     if epochs < 1 or (limit is not None and limit < 1) or (test_limit is not None and test_limit < 1):
@@ -159,25 +161,12 @@ def train_classifier(dataset: str = "fashion_mnist", epochs: int = 2, seed: int 
         torch.manual_seed(seed)
         model = FashionCNN(channels, int(train.num_classes)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
+    total = epochs * math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     t0 = time.time()
     model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            x, y = train.tensor_batch(idx)
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            loss = F.cross_entropy(model(_prepare(x, channels).to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if verbose:
-            print(f"classifier epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.3f} ({time.time() - t0:.0f} s)")
+    with one_thread():  # the same weights from every caller (see the docstring)
+        _train_epochs(model, opt, sched, train, channels, n, batch_size, epochs, g, device, t0, verbose)
     train_s = time.time() - t0
     model.cpu()
     acc = _accuracy(model, test, n_test)
@@ -195,6 +184,25 @@ def train_classifier(dataset: str = "fashion_mnist", epochs: int = 2, seed: int 
         print(f"classifier: test accuracy {acc:.4f} on {n_test} images, {train_s:.0f} s; cached at {wpath}")
     model.meta = {**meta, "cached": False, "path": str(wpath)}
     return model.to(device).eval(), acc
+
+
+def _train_epochs(model, opt, sched, train, channels: int, n: int, batch_size: int, epochs: int, g, device,
+                  t0: float, verbose: bool) -> None:
+    steps_per_epoch = math.ceil(n / batch_size)
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            x, y = train.tensor_batch(idx)
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            loss = F.cross_entropy(model(_prepare(x, channels).to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if verbose:
+            print(f"classifier epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.3f} ({time.time() - t0:.0f} s)")
 
 
 # ---- the feature extractor ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ evaluation suite (sqrtm with an eps offset).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -66,17 +67,24 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
         )
 
     # One LAPACK thread: a 2048-d eigh takes ~1 s that way, while multi-threaded MKL on a busy CPU
-    # (other jobs, dataloader workers) was measured at 3-40 s here. The setting is restored after.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # (other jobs, dataloader workers) was measured at 3-40 s here.
+    with one_thread():
         w, v = torch.linalg.eigh((s1 + s1.T) / 2)
         root = (v * cut(w).sqrt()) @ v.T
         m = root @ s2 @ root
         ev = torch.linalg.eigvalsh((m + m.T) / 2)
+    return float(cut(ev).sqrt().sum())
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one CPU thread inside the block, the caller's setting restored after."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(prev)
-    return float(cut(ev).sqrt().sum())
 
 
 def _trace_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
