@@ -6,6 +6,7 @@ Images are tensors in [-1, 1] (or uint8); grids are laid out by torchvision's ma
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -115,7 +116,7 @@ def plot_corruption_sweeps(tokenizers: Dict[str, object], x: torch.Tensor, path,
             for kind_i, (kind, vals, lab) in enumerate((("noise", levels, "t"), ("mask", ratios, "m"))):
                 r = (ti * n_img + i) * 2 + kind_i
                 axes[r, 0].imshow(to_numpy_image(x[i]))
-                axes[r, 0].set_ylabel(f"{name}\n{kind}", fontsize=6)
+                axes[r, 0].set_ylabel(f"{textwrap.fill(name, 16)}\n{kind}", fontsize=6)  # long names wrap in the row
                 if r == 0:
                     axes[r, 0].set_title("input", fontsize=7)
                 for j, v in enumerate(vals[: cols - 1]):
