@@ -352,6 +352,7 @@ def capacity_rows(out, presets: Sequence[str] = CAPACITY_PRESETS) -> List[dict]:
         rows += [_with_settings(r) for r in got]
     if not rows:
         raise ValueError(f"{out}: no finished run of the capacity presets ({', '.join(presets)}) or their baseline")
+    _check_one_extractor(rows, [out] * len(rows))
     return rows
 
 

@@ -1,9 +1,16 @@
-"""Behaviour guard: the loss trajectories of a 60-step ``cpu-fmnist`` tokenizer and a 60-step SiT on it
-(fixed seed, one thread, ``num_workers=0``) equal the recorded ones.
+"""Behaviour guard: the loss trajectories of a 60-step ``cpu-fmnist`` tokenizer and a 60-step SiT on a
+20-step one (fixed seed, one thread, ``num_workers=0``), and the training forward's fingerprints, equal
+the recorded ones.
 
-The golden file was recorded before the trainers, configs and corruption code were restructured; a
-refactor that keeps behaviour keeps these numbers bit for bit. ``LDETOK_WRITE_GOLDEN=1`` rewrites it
-(only do so for a deliberate change of behaviour, and say why in the commit).
+The golden files were recorded before the trainers, configs and corruption code were restructured; a
+refactor that keeps behaviour keeps these numbers. Exactly, on the machine that recorded them; on another
+CPU the kernels round differently (measured on an AMD EPYC against the recording machine: equal for the
+first 4 tokenizer steps, within 4e-7 through step 20, then the difference grows as training amplifies it,
+6e-5 at step 21 and 2% by step 60). So the trajectories are compared over their first 20 steps, within a
+relative 1e-5 (the tokenizer) and 1e-3 (the generator, one more training run downstream), and the
+fingerprints within 1e-6; any change of behaviour (a loss weight, a corruption draw, the data order) moves
+them by far more. ``LDETOK_WRITE_GOLDEN=1`` rewrites them (only for a deliberate change of behaviour, and
+say why in the commit).
 """
 
 import json
@@ -17,6 +24,9 @@ from conftest import step_losses
 
 GOLDEN = Path(__file__).parent / "golden" / "trajectories.json"
 TOK_ARGS = ["max_steps=60", "log_every=1", "ckpt_every=60", "image_every=0", "stats_images=512", "tensorboard=false"]
+GEN_TOK_ARGS = [a if not a.startswith(("max_steps=", "ckpt_every=")) else a.split("=")[0] + "=20" for a in TOK_ARGS]
+COMPARED_STEPS = 20  # steps compared (see the module's docstring)
+TOLERANCE = {"tokenizer": 1e-5, "generator": 1e-3}
 GEN_ARGS = ["model=sit_tiny", "max_steps=60", "batch_size=64", "log_every=1", "ckpt_every=60", "latents=online",
             "tensorboard=false"]
 
@@ -31,9 +41,11 @@ def _trajectories(tmp_path, monkeypatch):
     # one thread, as the golden file was recorded: the CLI sets its thread count from OMP_NUM_THREADS
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    tok, gen = tmp_path / "tok", tmp_path / "gen"
+    tok, tok20, gen = tmp_path / "tok", tmp_path / "tok20", tmp_path / "gen"
     assert main(["train-tokenizer", "--preset", "cpu-fmnist", "--out", str(tok), *TOK_ARGS]) == 0
-    assert main(["train-generator", "--preset", "cpu-fmnist", "--tokenizer", str(tok), "--out", str(gen),
+    # the generator's tokenizer: 20 steps, still the same on every CPU (see the module's docstring)
+    assert main(["train-tokenizer", "--preset", "cpu-fmnist", "--out", str(tok20), *GEN_TOK_ARGS]) == 0
+    assert main(["train-generator", "--preset", "cpu-fmnist", "--tokenizer", str(tok20), "--out", str(gen),
                  *GEN_ARGS]) == 0
     return {"tokenizer": _losses(tok), "generator": _losses(gen)}
 
@@ -42,12 +54,16 @@ def _trajectories(tmp_path, monkeypatch):
 def test_loss_trajectories_match_golden(tmp_path, monkeypatch):
     got = _trajectories(tmp_path, monkeypatch)
     if os.environ.get("LDETOK_WRITE_GOLDEN") == "1":
-        GOLDEN.write_text(json.dumps({"tokenizer_args": TOK_ARGS, "generator_args": GEN_ARGS, **got}, indent=1) + "\n")
+        GOLDEN.write_text(json.dumps({"tokenizer_args": TOK_ARGS, "generator_tokenizer_args": GEN_TOK_ARGS,
+                                      "generator_args": GEN_ARGS, **got}, indent=1) + "\n")
     want = json.loads(GOLDEN.read_text())
+    assert want["generator_tokenizer_args"] == GEN_TOK_ARGS
     for part in ("tokenizer", "generator"):
         assert len(got[part]) == 60, part
         assert got[part].keys() == want[part].keys(), part
-        bad = {k: (got[part][k], want[part][k]) for k in want[part] if got[part][k] != want[part][k]}
+        steps = [str(k) for k in range(1, COMPARED_STEPS + 1)]
+        bad = {k: (got[part][k], want[part][k]) for k in steps
+               if got[part][k] != pytest.approx(want[part][k], rel=TOLERANCE[part], abs=0)}
         assert not bad, f"{part} trajectory differs from the golden file at steps {sorted(bad, key=int)[:5]}: " \
                         f"{list(bad.values())[:3]}"
 
@@ -86,4 +102,7 @@ def test_training_forward_matches_golden():
     got = _forward_fingerprints()
     if os.environ.get("LDETOK_WRITE_GOLDEN") == "1":
         path.write_text(json.dumps(got, indent=1) + "\n")
-    assert got == json.loads(path.read_text())
+    want = json.loads(path.read_text())
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-6, abs=0), name
