@@ -1,6 +1,6 @@
 # The two set-up commands of the README, each working on a fresh machine from nothing:
 #   make run    - create .venv, install, make sure the default data is there, run the main job
-#                 (ldetok main = ldetok reproduce --preset cpu-quick + figures + the table)
+#                 (ldetok main = ldetok reproduce --preset cpu-main + figures + the table)
 #   make test   - create .venv, install .[all], install the Debian packages the tests need (Fashion-MNIST,
 #                 Chromium and its driver) when missing, run the test suite
 # Other targets: install, data, prereqs, notebooks, lab, clean.
